@@ -1,0 +1,200 @@
+"""Run the sermtl Kubeflow DAG on this machine with kfp's local SubprocessRunner.
+
+No cluster and no Docker engine are needed: each component body runs in a subprocess of the
+current interpreter (which has sermtl installed), artifacts land under
+``<outputs>/pipeline_root/sermtl-<timestamp>/<task>/<output>``, and the paths of this run are
+recorded in ``<outputs>/last_run.json``.
+
+    python -m pipelines.run_local [--params params.yaml] [--corpus PATH|s3://...] [--outputs local_outputs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `components` and `pipelines` are top-level packages of the repo
+    sys.path.insert(0, str(REPO_ROOT))
+
+LAST_RUN_FILE = "last_run.json"
+PIPELINE_ROOT_DIR = "pipeline_root"
+TASK_OUTPUTS = {  # pipeline output -> (task, output) that produced it; for finding files after a failure
+    "corpus_store": ("ingest-corpus", "corpus_store"),
+    "validation_report": ("validate-corpus", "validation_report"),
+    "validation_summary": ("validate-corpus", "validation_summary"),
+    "validation_docs": ("validate-corpus", "validation_docs"),
+}
+# Telemetry stays off in the task subprocesses, which inherit this process's environment.
+QUIET_ENV = {"GX_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+
+
+def ensure_corpus(corpus_uri: str, params: Any) -> str:
+    """Return the corpus URI to ingest, generating a synthetic corpus where a local one is missing.
+
+    s3:// URIs are passed through untouched; a local path is made absolute (the task subprocesses
+    and a later reader of last_run.json need not share this working directory).
+    """
+    if corpus_uri.startswith("s3://"):
+        return corpus_uri
+    path = Path(corpus_uri).expanduser().resolve()
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        from sermtl.synth import synthesize
+
+        synth = params.data.synth
+        print(f"corpus {path} not found: generating a synthetic corpus ({synth.utterances} utterances)")
+        synthesize(
+            path,
+            utterances=synth.utterances,
+            seed=synth.seed,
+            mean_duration_s=synth.mean_duration_s,
+        )
+    return str(path)
+
+
+def _plain(value: Any) -> Any:
+    """Undo protobuf's number widening in artifact metadata (every int comes back as a float)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _latest_run_dir(pipeline_root: Path) -> Path | None:
+    runs = sorted(p for p in pipeline_root.glob("sermtl-*") if p.is_dir())  # names end in a timestamp
+    return runs[-1] if runs else None
+
+
+def _record_from_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
+    paths = {name: artifact.path for name, artifact in sorted(outputs.items())}
+    store_meta = _plain(dict(outputs["corpus_store"].metadata))
+    metrics = _plain(dict(outputs["validation_summary"].metadata))
+    return {
+        "status": "succeeded",
+        "run_dir": str(Path(paths["corpus_store"]).parents[1]),
+        **paths,
+        "ingest": {k: v for k, v in store_meta.items() if k != "drops"},
+        "validation": {**metrics, "success": bool(metrics.get("success", 0))},
+    }
+
+
+def _record_after_failure(pipeline_root: Path, error: Exception) -> dict[str, Any]:
+    run_dir = _latest_run_dir(pipeline_root)
+    record: dict[str, Any] = {"status": "failed", "error": str(error), "run_dir": str(run_dir) if run_dir else None}
+    if run_dir is not None:
+        for name, (task, output) in TASK_OUTPUTS.items():
+            candidate = run_dir / task / output
+            if candidate.exists():
+                record[name] = str(candidate)
+    return record
+
+
+def _print_record(record: dict[str, Any], last_run: Path) -> None:
+    print()
+    print(f"sermtl local run {record['status']}")
+    print(f"  run folder:        {record.get('run_dir')}")
+    for label, key in (
+        ("corpus store:", "corpus_store"),
+        ("validation report:", "validation_report"),
+        ("data docs:", "validation_docs"),
+    ):
+        if record.get(key):
+            print(f"  {label:<19}{record[key]}")
+    ingest = record.get("ingest") or {}
+    if ingest:
+        print(
+            f"  ingest:            kept {ingest.get('kept')}, dropped {ingest.get('dropped')} "
+            f"{ingest.get('drops_by_reason') or ''}".rstrip()
+        )
+    validation = record.get("validation") or {}
+    if validation:
+        print(f"  validation:        {'passed' if validation.get('success') else 'FAILED'} {validation}")
+    if record.get("error"):
+        print(f"  error:             {record['error']}")
+    print(f"  recorded in:       {last_run}")
+
+
+def run_local(
+    params_path: str | Path = "params.yaml",
+    corpus: str | None = None,
+    outputs_dir: str | Path = "local_outputs",
+    *,
+    enable_caching: bool = False,
+) -> dict[str, Any]:
+    """Run ingest -> validate locally; return (and write to last_run.json) where the outputs are.
+
+    Raises RuntimeError when a task fails (e.g. validation), after recording what the run left.
+    """
+    from kfp import local
+
+    from pipelines.sermtl_pipeline import sermtl_pipeline
+    from sermtl.params import load_params
+
+    params_path = Path(params_path)
+    params = load_params(params_path)
+    params_yaml = params_path.read_text()
+    corpus_uri = ensure_corpus(corpus or params.data.corpus, params)
+
+    outputs = Path(outputs_dir).resolve()
+    pipeline_root = outputs / PIPELINE_ROOT_DIR
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    last_run = outputs / LAST_RUN_FILE
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(pipeline_root),
+        raise_on_error=True,
+        enable_caching=enable_caching,
+    )
+    print(f"running pipeline 'sermtl' locally: corpus {corpus_uri}, outputs under {pipeline_root}")
+    with warnings.catch_warnings():
+        # Expected locally: base_image and resource requests only matter on a cluster.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+        try:
+            task = sermtl_pipeline(corpus_uri=corpus_uri, params_yaml=params_yaml)
+        except RuntimeError as error:
+            record = {"corpus_uri": corpus_uri, "params": str(params_path.resolve())}
+            record.update(_record_after_failure(pipeline_root, error))
+            _write_record(last_run, record)
+            _print_record(record, last_run)
+            raise
+    record = {"corpus_uri": corpus_uri, "params": str(params_path.resolve())}
+    record.update(_record_from_outputs(task.outputs))
+    _write_record(last_run, record)
+    _print_record(record, last_run)
+    return record
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: exit status 0 when the DAG succeeded, 1 when a task failed."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.run_local", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="params.yaml to run with")
+    parser.add_argument("--corpus", default=None, help="corpus folder or s3:// prefix (default: data.corpus)")
+    parser.add_argument("--outputs", default="local_outputs", help="folder for pipeline_root and last_run.json")
+    parser.add_argument("--cache", action="store_true", help="reuse outputs of identical earlier tasks")
+    args = parser.parse_args(argv)
+    try:
+        run_local(args.params, args.corpus, args.outputs, enable_caching=args.cache)
+    except RuntimeError:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Experiment parameters from params.yaml, the single source shared by the CLI, DVC and KFP.
+
+Sections are typed dataclasses so that a typo in params.yaml is an error naming the key,
+not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, malformed or holds an unknown or mistyped key."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    low_max: float = 2.0
+    high_min: float = 4.0
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    utterances: int = 400
+    seed: int = 0
+    mean_duration_s: float = 2.5
+
+
+@dataclass(frozen=True)
+class DataParams:
+    corpus: str = "data/IEMOCAP_full_release"
+    s3_endpoint_url: str = ""
+    sample_rate: int = 16000
+    sessions: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    speakers_per_session: int = 2
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    max_drop_fraction: float = 0.05
+    synth: SynthParams = field(default_factory=SynthParams)
+
+
+@dataclass(frozen=True)
+class ValidationParams:
+    rating_step: float = 0.5
+    categories: list[str] = field(
+        default_factory=lambda: ["neu", "hap", "exc", "sad", "ang", "fru", "sur", "fea", "dis", "oth", "xxx"]
+    )
+    min_duration_s: float = 0.3
+    max_duration_s: float = 40.0
+    allowed_source_sample_rates: list[int] = field(
+        default_factory=lambda: [8000, 16000, 22050, 32000, 44100, 48000]
+    )
+    silence_rms_dbfs: float = -60.0
+    clipping_fraction: float = 0.01
+    max_bad_audio_fraction: float = 0.01
+    min_class_count_per_fold: int = 1
+
+
+@dataclass(frozen=True)
+class FeatureParams:
+    frame_ms: int = 40
+    hop_ms: int = 10
+    max_frames: int = 500
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    validation: ValidationParams = field(default_factory=ValidationParams)
+    features: FeatureParams = field(default_factory=FeatureParams)
+    # Sections later stages own (model, train, eval, ...) are kept verbatim until they get a type.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def section_hash(self, name: str) -> str:
+        """Stable hash of one section, used to decide whether a stage's output is up to date."""
+        section = getattr(self, name)
+        payload = yaml.safe_dump(dataclasses.asdict(section), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ParamsError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or origin in (typing.Union, types.UnionType):
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (not isinstance(value, hint) or isinstance(value, bool) != (hint is bool)):
+        raise ParamsError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def params_from_dict(raw: dict[str, Any], where: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping at the top level")
+    typed = {f.name for f in dataclasses.fields(Params)} - {"extra"}
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(Params)
+    for name in typed:
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], f"{where}:{name}")
+    kwargs["extra"] = {k: v for k, v in raw.items() if k not in typed}
+    return Params(**kwargs)
+
+
+def params_from_yaml(text: str, where: str = "params.yaml") -> Params:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{where}: not valid YAML: {exc}") from exc
+    return params_from_dict(raw, where)
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS_PATH) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: parameter file not found (run from the repository root or pass --params)")
+    return params_from_yaml(path.read_text(), str(path))
