@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +24,8 @@ if str(REPO_ROOT) not in sys.path:  # `components` and `pipelines` are top-level
     sys.path.insert(0, str(REPO_ROOT))
 
 LAST_RUN_FILE = "last_run.json"
+# KFP names an output file after the output ("validation_report", no suffix); browsers want ".html".
+REPORT_COPY = "validation_report.html"
 PIPELINE_ROOT_DIR = "pipeline_root"
 TASK_OUTPUTS = {  # pipeline output -> (task, output) that produced it; for finding files after a failure
     "corpus_store": ("ingest-corpus", "corpus_store"),
@@ -88,13 +91,25 @@ def _record_from_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
 
 def _record_after_failure(pipeline_root: Path, error: Exception) -> dict[str, Any]:
     run_dir = _latest_run_dir(pipeline_root)
-    record: dict[str, Any] = {"status": "failed", "error": str(error), "run_dir": str(run_dir) if run_dir else None}
+    record: dict[str, Any] = {
+        "status": "failed",
+        "error": str(error),
+        "run_dir": str(run_dir) if run_dir else None,
+    }
     if run_dir is not None:
         for name, (task, output) in TASK_OUTPUTS.items():
             candidate = run_dir / task / output
             if candidate.exists():
                 record[name] = str(candidate)
     return record
+
+
+def _copy_report(record: dict[str, Any], outputs: Path) -> None:
+    report = record.get("validation_report")
+    if report and Path(report).is_file():
+        copy = outputs / REPORT_COPY
+        shutil.copyfile(report, copy)
+        record["validation_report_html"] = str(copy)
 
 
 def _print_record(record: dict[str, Any], last_run: Path) -> None:
@@ -104,6 +119,7 @@ def _print_record(record: dict[str, Any], last_run: Path) -> None:
     for label, key in (
         ("corpus store:", "corpus_store"),
         ("validation report:", "validation_report"),
+        ("  same, as .html:", "validation_report_html"),
         ("data docs:", "validation_docs"),
     ):
         if record.get(key):
@@ -166,11 +182,13 @@ def run_local(
         except RuntimeError as error:
             record = {"corpus_uri": corpus_uri, "params": str(params_path.resolve())}
             record.update(_record_after_failure(pipeline_root, error))
+            _copy_report(record, outputs)
             _write_record(last_run, record)
             _print_record(record, last_run)
             raise
     record = {"corpus_uri": corpus_uri, "params": str(params_path.resolve())}
     record.update(_record_from_outputs(task.outputs))
+    _copy_report(record, outputs)
     _write_record(last_run, record)
     _print_record(record, last_run)
     return record
@@ -183,10 +201,14 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: exit status 0 when the DAG succeeded, 1 when a task failed."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.run_local", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.run_local", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--params", default="params.yaml", help="params.yaml to run with")
     parser.add_argument("--corpus", default=None, help="corpus folder or s3:// prefix (default: data.corpus)")
-    parser.add_argument("--outputs", default="local_outputs", help="folder for pipeline_root and last_run.json")
+    parser.add_argument(
+        "--outputs", default="local_outputs", help="folder for pipeline_root and last_run.json"
+    )
     parser.add_argument("--cache", action="store_true", help="reuse outputs of identical earlier tasks")
     args = parser.parse_args(argv)
     try:

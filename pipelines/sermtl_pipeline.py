@@ -23,15 +23,12 @@ VALIDATE_RESOURCES = {"cpu": "1", "memory": "2Gi"}
 # Keep third-party telemetry off in every task, locally and on the cluster.
 TASK_ENV = {"GX_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
 
-PipelineOutputs = NamedTuple(
-    "PipelineOutputs",
-    [
-        ("corpus_store", Dataset),
-        ("validation_report", HTML),
-        ("validation_summary", Metrics),
-        ("validation_docs", Artifact),
-    ],
-)
+
+class PipelineOutputs(NamedTuple):
+    corpus_store: Dataset
+    validation_report: HTML
+    validation_summary: Metrics
+    validation_docs: Artifact
 
 
 def _configure(task: dsl.PipelineTask, display_name: str, resources: dict[str, str]) -> dsl.PipelineTask:
@@ -49,7 +46,7 @@ def _configure(task: dsl.PipelineTask, display_name: str, resources: dict[str, s
         "IEMOCAP-layout corpus into the training audio store, then validate it with great-expectations."
     ),
 )
-def sermtl_pipeline(corpus_uri: str, params_yaml: str) -> PipelineOutputs:  # type: ignore[valid-type]
+def sermtl_pipeline(corpus_uri: str, params_yaml: str) -> PipelineOutputs:
     """Ingest the corpus named by ``corpus_uri`` and validate it; params_yaml is params.yaml's text."""
     ingest = _configure(
         ingest_corpus(corpus_uri=corpus_uri, params_yaml=params_yaml), "Ingest corpus", INGEST_RESOURCES

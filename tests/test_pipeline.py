@@ -1,0 +1,159 @@
+"""The sermtl DAG: compiled structure, byte-for-byte determinism, and a real local run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # components/ and pipelines/ are top-level packages of the repo
+    sys.path.insert(0, str(REPO_ROOT))
+
+from components import SERMTL_IMAGE  # noqa: E402
+from pipelines.run_local import LAST_RUN_FILE, run_local  # noqa: E402
+from pipelines.sermtl_pipeline import (  # noqa: E402
+    INGEST_RESOURCES,
+    PIPELINE_NAME,
+    VALIDATE_RESOURCES,
+    compile_pipeline,
+)
+
+TINY_UTTERANCES = 60
+
+
+def tiny_params(tmp_path: Path, **data_overrides: object) -> Path:
+    """A params.yaml whose corpus (generated on first use) is tiny and lives under tmp_path."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["data"]["corpus"] = str(tmp_path / "IEMOCAP_full_release")
+    raw["data"]["synth"].update(utterances=TINY_UTTERANCES, mean_duration_s=0.8)
+    raw["data"].update(data_overrides)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def local_config() -> Iterator[None]:
+    """kfp.local.init sets a process-wide singleton: start and leave every test without one."""
+    from kfp.local import config
+
+    config.LocalExecutionConfig.instance = None
+    yield
+    config.LocalExecutionConfig.instance = None
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    path = compile_pipeline(tmp_path_factory.mktemp("compiled") / "sermtl.yaml")
+    return yaml.safe_load(path.read_text())
+
+
+def test_compiled_dag_structure(compiled: dict) -> None:
+    assert compiled["pipelineInfo"]["name"] == PIPELINE_NAME
+    assert compiled["pipelineInfo"]["description"]
+    root = compiled["root"]
+    assert root["inputDefinitions"]["parameters"] == {
+        "corpus_uri": {"parameterType": "STRING"},
+        "params_yaml": {"parameterType": "STRING"},
+    }
+    tasks = root["dag"]["tasks"]
+    assert set(tasks) == {"ingest-corpus", "validate-corpus"}
+    assert tasks["ingest-corpus"]["taskInfo"]["name"] == "Ingest corpus"
+    assert tasks["validate-corpus"]["taskInfo"]["name"] == "Validate corpus"
+    assert "dependentTasks" not in tasks["ingest-corpus"]
+    assert tasks["validate-corpus"]["dependentTasks"] == ["ingest-corpus"]
+    assert tasks["validate-corpus"]["inputs"]["artifacts"]["corpus_store"] == {
+        "taskOutputArtifact": {"outputArtifactKey": "corpus_store", "producerTask": "ingest-corpus"}
+    }
+    for task in tasks.values():
+        assert task["inputs"]["parameters"]["params_yaml"] == {"componentInputParameter": "params_yaml"}
+    assert tasks["ingest-corpus"]["inputs"]["parameters"]["corpus_uri"] == {
+        "componentInputParameter": "corpus_uri"
+    }
+    assert set(root["outputDefinitions"]["artifacts"]) == {
+        "corpus_store",
+        "validation_report",
+        "validation_summary",
+        "validation_docs",
+    }
+
+
+def test_compiled_executors_image_resources_env(compiled: dict) -> None:
+    executors = compiled["deploymentSpec"]["executors"]
+    expected = {"exec-ingest-corpus": INGEST_RESOURCES, "exec-validate-corpus": VALIDATE_RESOURCES}
+    assert set(executors) == set(expected)
+    for name, resources in expected.items():
+        container = executors[name]["container"]
+        assert container["image"] == SERMTL_IMAGE
+        assert container["resources"]["resourceCpuRequest"] == resources["cpu"]
+        assert container["resources"]["resourceMemoryRequest"] == resources["memory"]
+        assert "pip install" not in " ".join(container["command"])
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["GX_ANALYTICS_ENABLED"] == "false"
+
+
+def test_compile_is_deterministic(tmp_path: Path) -> None:
+    first = compile_pipeline(tmp_path / "a.yaml").read_bytes()
+    second = compile_pipeline(tmp_path / "b.yaml").read_bytes()
+    assert first == second
+
+
+def test_run_local_cli_is_importable_from_repo_root() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.run_local", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--corpus" in result.stdout and "--outputs" in result.stdout
+
+
+@pytest.mark.slow
+def test_run_local_end_to_end(tmp_path: Path, local_config: None, capsys: pytest.CaptureFixture[str]) -> None:
+    outputs = tmp_path / "local_outputs"
+    started = time.monotonic()
+    record = run_local(tiny_params(tmp_path), outputs_dir=outputs)
+    elapsed = time.monotonic() - started
+    printed = capsys.readouterr().out
+
+    assert (tmp_path / "IEMOCAP_full_release").is_dir(), "the missing corpus was synthesised"
+    assert record["status"] == "succeeded"
+    assert json.loads((outputs / LAST_RUN_FILE).read_text()) == json.loads(json.dumps(record))
+    run_dir = Path(record["run_dir"])
+    assert run_dir.parent == outputs / "pipeline_root" and run_dir.name.startswith("sermtl-")
+
+    store = Path(record["corpus_store"])
+    assert store == run_dir / "ingest-corpus" / "corpus_store"
+    assert (store / "manifest.parquet").is_file() and (store / "audio.pcm16").is_file()
+    report = Path(record["validation_report"])
+    assert report.is_file() and "passed" in report.read_text()
+    assert Path(record["validation_report_html"]) == outputs / "validation_report.html"
+    assert Path(record["validation_report_html"]).read_bytes() == report.read_bytes()
+    assert (Path(record["validation_docs"]) / "data_docs" / "index.html").is_file()
+
+    assert record["ingest"]["kept"] == TINY_UTTERANCES and record["ingest"]["dropped"] == 0
+    assert isinstance(record["ingest"]["kept"], int), "protobuf's float widening is undone"
+    assert record["validation"]["success"] is True
+    for path in (str(store), str(report), str(outputs / LAST_RUN_FILE)):
+        assert path in printed
+    assert elapsed < 90, f"local run took {elapsed:.0f} s"
+
+
+@pytest.mark.slow
+def test_run_local_stops_on_failed_validation(tmp_path: Path, local_config: None) -> None:
+    outputs = tmp_path / "local_outputs"
+    with pytest.raises(RuntimeError, match="validate-corpus"):
+        run_local(tiny_params(tmp_path, speakers_per_session=3), outputs_dir=outputs)
+    record = json.loads((outputs / LAST_RUN_FILE).read_text())
+    assert record["status"] == "failed"
+    assert Path(record["corpus_store"]).is_dir(), "ingest succeeded and its store is kept"
+    assert "FAILED" in Path(record["validation_report"]).read_text()
+    assert "FAILED" in (outputs / "validation_report.html").read_text()
