@@ -27,7 +27,9 @@ class Utt:
 
 def header_line(utt: Utt, start: float) -> str:
     v, a, d = utt.vad
-    return f"[{start:.4f} - {start + utt.seconds:.4f}]\t{utt.uid}\t{utt.category}\t[{v:.4f}, {a:.4f}, {d:.4f}]\n"
+    return (
+        f"[{start:.4f} - {start + utt.seconds:.4f}]\t{utt.uid}\t{utt.category}\t[{v:.4f}, {a:.4f}, {d:.4f}]\n"
+    )
 
 
 def block(utt: Utt, start: float) -> str:
@@ -40,7 +42,7 @@ def block(utt: Utt, start: float) -> str:
 
 def tone(utt: Utt, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    n = int(round(utt.seconds * utt.sample_rate))
+    n = round(utt.seconds * utt.sample_rate)
     t = np.arange(n) / utt.sample_rate
     x = 0.3 * np.sin(2 * np.pi * 180 * t) + 0.02 * rng.standard_normal(n)
     return np.repeat(x[:, None], utt.channels, axis=1) if utt.channels > 1 else x

@@ -103,7 +103,9 @@ def test_parsing_uses_tabs_and_pattern_not_columns():  # trap 8
     ],
 )
 def test_malformed_line_error_names_file_and_line(bad_line):
-    text = TABLE + "[1.0000 - 2.0000]\tSes01F_impro01_F001\tneu\t[2.5000, 2.5000, 2.5000]\n\n" + bad_line + "\n"
+    text = (
+        TABLE + "[1.0000 - 2.0000]\tSes01F_impro01_F001\tneu\t[2.5000, 2.5000, 2.5000]\n\n" + bad_line + "\n"
+    )
     with pytest.raises(CorpusError, match=rf"^{FILE}:5: "):
         parse_emo_evaluation(text, FILE)
 

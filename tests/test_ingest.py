@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
-from corpus_builder import Utt, balanced_utts, build_corpus
+from corpus_builder import balanced_utts, build_corpus
 
 from sermtl.audio import AudioStore
 from sermtl.ingest import ingest
@@ -94,7 +94,9 @@ def test_header_without_wav_and_wav_without_header(corpus, tmp_path):
     assert "Ses01F_impro01_F099" not in set(pd.read_parquet(tmp_path / "out" / MANIFEST_FILE)["utterance_id"])
 
 
-@pytest.mark.parametrize(("value", "problem"), [("nan", "is nan"), ("5.5000", "outside 1..5"), ("0.0000", "outside")])
+@pytest.mark.parametrize(
+    ("value", "problem"), [("nan", "is nan"), ("5.5000", "outside 1..5"), ("0.0000", "outside")]
+)
 def test_out_of_range_or_nan_ratings_are_counted_drops(corpus, tmp_path, value, problem):
     path = corpus / ANNOTATION
     path.write_text(path.read_text().replace("[1.5000, 1.5000, 1.5000]", f"[1.5000, {value}, 1.5000]", 1))
@@ -211,6 +213,8 @@ def test_cli_reports_clear_error_and_exit_code(corpus, tmp_path):
     path.write_text(path.read_text().replace("]\tSes01F_impro01_F000\t", "] Ses01F_impro01_F000\t"))
     params = tmp_path / "params.yaml"
     params.write_text("data:\n  max_drop_fraction: 1.0\n")
-    result = CliRunner().invoke(app, ["ingest", "--source", str(corpus), "--out", str(tmp_path / "o"), "--params", str(params)])
+    result = CliRunner().invoke(
+        app, ["ingest", "--source", str(corpus), "--out", str(tmp_path / "o"), "--params", str(params)]
+    )
     assert result.exit_code == 2
     assert f"{ANNOTATION}:3: malformed utterance header line" in result.output

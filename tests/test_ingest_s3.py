@@ -28,16 +28,21 @@ def upload(folder, bucket: str, prefix: str) -> None:
 
 def test_s3_ingest_matches_local(s3_server, tmp_path):
     corpus = build_corpus(tmp_path / "IEMOCAP_full_release", balanced_utts())
-    (corpus / "Session1/sentences/wav/Ses01F_impro01/._Ses01F_impro01_F000.wav").write_bytes(b"\x00\x05\x16\x07")
+    (corpus / "Session1/sentences/wav/Ses01F_impro01/._Ses01F_impro01_F000.wav").write_bytes(
+        b"\x00\x05\x16\x07"
+    )
     upload(corpus, "corpora", "iemocap/IEMOCAP_full_release")
     params = Params(data=dataclasses.replace(Params().data, s3_endpoint_url=s3_server.endpoint_url))
     remote = ingest("s3://corpora/iemocap/IEMOCAP_full_release", tmp_path / "from_s3", params, progress=False)
     local = ingest(str(corpus), tmp_path / "from_disk", params, progress=False)
     assert (remote.kept, remote.dropped, len(remote.hidden_files)) == (30, 0, 1)
     pd.testing.assert_frame_equal(
-        pd.read_parquet(tmp_path / "from_s3" / MANIFEST_FILE), pd.read_parquet(tmp_path / "from_disk" / MANIFEST_FILE)
+        pd.read_parquet(tmp_path / "from_s3" / MANIFEST_FILE),
+        pd.read_parquet(tmp_path / "from_disk" / MANIFEST_FILE),
     )
-    assert (tmp_path / "from_s3" / "audio.pcm16").read_bytes() == (tmp_path / "from_disk" / "audio.pcm16").read_bytes()
+    assert (tmp_path / "from_s3" / "audio.pcm16").read_bytes() == (
+        tmp_path / "from_disk" / "audio.pcm16"
+    ).read_bytes()
     assert local.fingerprint != remote.fingerprint
     assert len(AudioStore(tmp_path / "from_s3")) == 30
     again = ingest("s3://corpora/iemocap/IEMOCAP_full_release", tmp_path / "from_s3", params, progress=False)

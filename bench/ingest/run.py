@@ -34,7 +34,9 @@ def timed(command: list[str]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--utterances", type=int, default=10039)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
@@ -43,20 +45,41 @@ def main() -> None:
     sermtl = [sys.executable, "-m", "sermtl.cli"]
     corpus = CACHE / f"iemocap_synth_{args.utterances}_{args.seed}" / "IEMOCAP_full_release"
     if not (corpus / "Session5").is_dir():
-        print(f"generating {args.utterances} utterances into {corpus} (cached for later runs) ...", flush=True)
-        synth_wall, _ = timed([*sermtl, "synth", "--out", str(corpus), "--utterances", str(args.utterances),
-                               "--seed", str(args.seed), "--mean-duration", "4.45"])
+        print(
+            f"generating {args.utterances} utterances into {corpus} (cached for later runs) ...", flush=True
+        )
+        synth_wall, _ = timed(
+            [
+                *sermtl,
+                "synth",
+                "--out",
+                str(corpus),
+                "--utterances",
+                str(args.utterances),
+                "--seed",
+                str(args.seed),
+                "--mean-duration",
+                "4.45",
+            ]
+        )
         print(f"generated in {synth_wall:.1f} s", flush=True)
 
     runs = []
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
         ingest_dir, validation_dir = Path(work) / "ingest", Path(work) / "validation"
         for repeat in range(args.repeats):
-            ingest_wall, ingest_rss = timed([*sermtl, "ingest", "--source", str(corpus), "--out", str(ingest_dir), "--force"])
-            validate_wall, validate_rss = timed([*sermtl, "validate", "--ingest", str(ingest_dir), "--out", str(validation_dir)])
+            ingest_wall, ingest_rss = timed(
+                [*sermtl, "ingest", "--source", str(corpus), "--out", str(ingest_dir), "--force"]
+            )
+            validate_wall, validate_rss = timed(
+                [*sermtl, "validate", "--ingest", str(ingest_dir), "--out", str(validation_dir)]
+            )
             runs.append((ingest_wall, ingest_rss, validate_wall, validate_rss))
-            print(f"run {repeat + 1}: ingest {ingest_wall:.1f} s ({ingest_rss:.2f} GiB), "
-                  f"validate {validate_wall:.1f} s ({validate_rss:.2f} GiB)", flush=True)
+            print(
+                f"run {repeat + 1}: ingest {ingest_wall:.1f} s ({ingest_rss:.2f} GiB), "
+                f"validate {validate_wall:.1f} s ({validate_rss:.2f} GiB)",
+                flush=True,
+            )
         report = json.loads((ingest_dir / "report.json").read_text())
 
     ingest_wall = statistics.median(r[0] for r in runs)

@@ -36,11 +36,16 @@ def check_riff_container(data: bytes) -> None:
         raise AudioProblem("corrupt_wav", "not a RIFF/WAVE file")
     position = 12
     while position + 8 <= len(data):
-        chunk_id, size = data[position : position + 4], struct.unpack("<I", data[position + 4 : position + 8])[0]
+        chunk_id, size = (
+            data[position : position + 4],
+            struct.unpack("<I", data[position + 4 : position + 8])[0],
+        )
         if chunk_id == b"data":
             available = len(data) - position - 8
             if size != 0xFFFFFFFF and size > available:
-                raise AudioProblem("truncated_wav", f"data chunk declares {size} bytes but only {available} present")
+                raise AudioProblem(
+                    "truncated_wav", f"data chunk declares {size} bytes but only {available} present"
+                )
             return
         position += 8 + size + (size & 1)
     raise AudioProblem("corrupt_wav", "no data chunk")

@@ -37,8 +37,12 @@ def _load(params_path: Path):
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option("--out", help="IEMOCAP_full_release folder to create.")],
-    utterances: Annotated[int | None, typer.Option(help="Number of utterances (10039 = IEMOCAP size).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed; the same seed gives identical bytes.")] = None,
+    utterances: Annotated[
+        int | None, typer.Option(help="Number of utterances (10039 = IEMOCAP size).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed; the same seed gives identical bytes.")
+    ] = None,
     mean_duration: Annotated[float | None, typer.Option(help="Mean utterance duration in seconds.")] = None,
     params_path: ParamsOption = DEFAULT_PARAMS_PATH,
 ) -> None:
@@ -53,7 +57,11 @@ def synth(
         out,
         utterances=utterances if utterances is not None else settings.utterances if settings else 400,
         seed=seed if seed is not None else settings.seed if settings else 0,
-        mean_duration_s=mean_duration if mean_duration is not None else settings.mean_duration_s if settings else 4.45,
+        mean_duration_s=mean_duration
+        if mean_duration is not None
+        else settings.mean_duration_s
+        if settings
+        else 4.45,
         progress=sys.stderr.isatty(),
     )
     typer.echo(
@@ -66,24 +74,33 @@ def synth(
 def ingest(
     out: Annotated[Path, typer.Option("--out", help="Output folder: manifest, audio store, report.")],
     source: Annotated[
-        str | None, typer.Option("--source", help="Corpus folder or s3://bucket/prefix (default: data.corpus).")
+        str | None,
+        typer.Option("--source", help="Corpus folder or s3://bucket/prefix (default: data.corpus)."),
     ] = None,
     endpoint_url: Annotated[
-        str | None, typer.Option(help="S3-compatible endpoint (default: data.s3_endpoint_url or $AWS_ENDPOINT_URL).")
+        str | None,
+        typer.Option(help="S3-compatible endpoint (default: data.s3_endpoint_url or $AWS_ENDPOINT_URL)."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Re-ingest even if the output is up to date.")] = False,
     params_path: ParamsOption = DEFAULT_PARAMS_PATH,
 ) -> None:
-    """Parse an IEMOCAP corpus into a Parquet manifest and a memory-mapped audio store, counting every drop."""
+    """Parse an IEMOCAP corpus into a Parquet manifest and a memory-mapped audio store.
+
+    Every dropped utterance is counted by reason in report.json.
+    """
     import dataclasses
 
     from sermtl.ingest import ingest as run_ingest
 
     params = _load(params_path)
     if endpoint_url is not None:
-        params = dataclasses.replace(params, data=dataclasses.replace(params.data, s3_endpoint_url=endpoint_url))
+        params = dataclasses.replace(
+            params, data=dataclasses.replace(params.data, s3_endpoint_url=endpoint_url)
+        )
     try:
-        report = run_ingest(source or params.data.corpus, out, params, force=force, progress=sys.stderr.isatty())
+        report = run_ingest(
+            source or params.data.corpus, out, params, force=force, progress=sys.stderr.isatty()
+        )
     except CorpusError as exc:
         _fail(str(exc))
     state = "up to date, skipped" if report.up_to_date else "written"

@@ -100,7 +100,9 @@ def parse_emo_evaluation(text: str, file: str) -> list[Annotation]:
             except ValueError as exc:
                 raise CorpusError(f"{file}:{number}: {exc}") from exc
             if uid.dialog != dialog:
-                raise CorpusError(f"{file}:{number}: utterance {uid.utterance_id} does not belong to dialog {dialog}")
+                raise CorpusError(
+                    f"{file}:{number}: utterance {uid.utterance_id} does not belong to dialog {dialog}"
+                )
             annotations.append(
                 Annotation(
                     uid=uid,

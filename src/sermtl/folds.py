@@ -26,7 +26,9 @@ def leave_one_session_out(manifest: pd.DataFrame, sessions: list[int]) -> list[F
     sessions_of_speaker = manifest.groupby("speaker")["session"].nunique()
     if (sessions_of_speaker > 1).any():
         leaking = ", ".join(sessions_of_speaker[sessions_of_speaker > 1].index)
-        raise ValueError(f"speaker(s) {leaking} occur in more than one session: folds would not be speaker-independent")
+        raise ValueError(
+            f"speaker(s) {leaking} occur in more than one session: folds would not be speaker-independent"
+        )
     folds = []
     ordered = sorted(sessions)
     for index, test_session in enumerate(ordered):

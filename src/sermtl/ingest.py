@@ -23,7 +23,6 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from sermtl import __version__
 from sermtl.audio import AudioProblem, AudioStoreWriter, audio_stats, decode_wav, resample, to_pcm16
 from sermtl.corpus import (
     Annotation,
@@ -98,7 +97,9 @@ def _existing_report(out_dir: Path, fingerprint: str) -> IngestReport | None:
     return report if report.fingerprint == fingerprint else None
 
 
-def ingest(source: str, out_dir: Path, params: Params, *, force: bool = False, progress: bool = True) -> IngestReport:
+def ingest(
+    source: str, out_dir: Path, params: Params, *, force: bool = False, progress: bool = True
+) -> IngestReport:
     """Ingest `source` (folder or s3:// prefix) into `out_dir`; skipped when already up to date."""
     out_dir = Path(out_dir)
     corpus = open_source(source, params.data.s3_endpoint_url)
@@ -128,7 +129,12 @@ def ingest(source: str, out_dir: Path, params: Params, *, force: bool = False, p
         drops[reason] += 1
         if drops[reason] <= EXAMPLES_PER_REASON:
             report.drops.append(
-                {"utterance_id": annotation.uid.utterance_id, "reason": reason, "detail": detail, "where": annotation.where}
+                {
+                    "utterance_id": annotation.uid.utterance_id,
+                    "reason": reason,
+                    "detail": detail,
+                    "where": annotation.where,
+                }
             )
 
     rows: list[dict[str, Any]] = []
@@ -156,7 +162,9 @@ def ingest(source: str, out_dir: Path, params: Params, *, force: bool = False, p
                     resampled[str(decoded.sample_rate)] += 1
                 pcm = to_pcm16(resample(decoded.samples, decoded.sample_rate, params.data.sample_rate))
                 offset, num_samples = store.append(pcm)
-                rows.append(_manifest_row(annotation, wav_path, decoded, data, stats, offset, num_samples, params))
+                rows.append(
+                    _manifest_row(annotation, wav_path, decoded, data, stats, offset, num_samples, params)
+                )
         finally:
             store.close()
 
@@ -165,7 +173,9 @@ def ingest(source: str, out_dir: Path, params: Params, *, force: bool = False, p
         report.drops_by_reason = dict(sorted(drops.items()))
         report.resampled_by_rate = dict(sorted(resampled.items()))
         manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).astype(MANIFEST_COLUMNS)
-        report.kept_by_session = {str(k): int(v) for k, v in manifest["session"].value_counts().sort_index().items()}
+        report.kept_by_session = {
+            str(k): int(v) for k, v in manifest["session"].value_counts().sort_index().items()
+        }
         report.audio_hours = float(manifest["duration_s"].sum() / 3600.0)
         _check_drop_fraction(report, params)
         manifest.to_parquet(staging / MANIFEST_FILE, index=False)
@@ -173,7 +183,9 @@ def ingest(source: str, out_dir: Path, params: Params, *, force: bool = False, p
     return report
 
 
-def _read_annotations(corpus: Any, annotation_files: dict[int, list[str]], sessions: list[int]) -> list[Annotation]:
+def _read_annotations(
+    corpus: Any, annotation_files: dict[int, list[str]], sessions: list[int]
+) -> list[Annotation]:
     annotations: list[Annotation] = []
     first_seen: dict[str, Annotation] = {}
     for session in sessions:
@@ -185,7 +197,9 @@ def _read_annotations(corpus: Any, annotation_files: dict[int, list[str]], sessi
                 raise CorpusError(f"{path}: not UTF-8 text ({exc})") from exc
             for annotation in parse_emo_evaluation(text, path):
                 if annotation.uid.session != session:
-                    raise CorpusError(f"{annotation.where}: {annotation.uid.utterance_id} filed under Session{session}")
+                    raise CorpusError(
+                        f"{annotation.where}: {annotation.uid.utterance_id} filed under Session{session}"
+                    )
                 uid = annotation.uid.utterance_id
                 if uid in first_seen:
                     raise CorpusError(
@@ -196,13 +210,16 @@ def _read_annotations(corpus: Any, annotation_files: dict[int, list[str]], sessi
         if not session_annotations:
             raise CorpusError(
                 f"Session{session}: no annotated utterances (Session{session}/dialog/EmoEvaluation/*.txt); "
-                "the session is empty or missing. Remove it from data.sessions in params.yaml to ingest without it."
+                "the session is empty or missing. Remove it from data.sessions in params.yaml "
+                "to ingest without it."
             )
         annotations.extend(session_annotations)
     return annotations
 
 
-def _manifest_row(annotation, wav_path, decoded, data, stats, offset, num_samples, params: Params) -> dict[str, Any]:
+def _manifest_row(
+    annotation, wav_path, decoded, data, stats, offset, num_samples, params: Params
+) -> dict[str, Any]:
     uid = annotation.uid
     return {
         "utterance_id": uid.utterance_id,

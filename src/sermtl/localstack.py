@@ -125,14 +125,16 @@ class SeaweedS3:
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             if self.process and self.process.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.process.returncode}; see {self.directory / 'weed.log'}")
+                raise RuntimeError(
+                    f"weed exited with {self.process.returncode}; see {self.directory / 'weed.log'}"
+                )
             try:
                 client.create_bucket(Bucket=probe)
                 client.put_object(Bucket=probe, Key="k", Body=b"ok")
                 client.delete_object(Bucket=probe, Key="k")
                 client.delete_bucket(Bucket=probe)
                 return
-            except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+            except Exception as exc:
                 last_error = exc
                 time.sleep(0.5)
         self.stop()

@@ -112,7 +112,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and (not isinstance(value, hint) or isinstance(value, bool) != (hint is bool)):
+    if hint in (int, float, str, bool) and (
+        not isinstance(value, hint) or isinstance(value, bool) != (hint is bool)
+    ):
         raise ParamsError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
 

@@ -8,28 +8,28 @@ CATEGORIES: tuple[str, ...] = ("neu", "hap", "exc", "sad", "ang", "fru", "sur", 
 
 # name -> pandas dtype. Order is the on-disk column order.
 MANIFEST_COLUMNS: dict[str, str] = {
-    "utterance_id": "string",       # Ses01F_impro01_F000
-    "session": "int64",             # 1..5
-    "dialog": "string",             # Ses01F_impro01 (utterance id without its last "_" segment)
-    "speaker": "string",            # Ses01_F: session + letter that starts the last id segment
-    "gender": "string",             # F or M (that same letter)
-    "improvised": "bool",           # impro* dialogs; script* dialogs are False
-    "category": "string",           # neu, hap, ..., xxx (no agreement), never relabelled
-    "valence": "float64",           # header bracket order is [V, A, D]
+    "utterance_id": "string",  # Ses01F_impro01_F000
+    "session": "int64",  # 1..5
+    "dialog": "string",  # Ses01F_impro01 (utterance id without its last "_" segment)
+    "speaker": "string",  # Ses01_F: session + letter that starts the last id segment
+    "gender": "string",  # F or M (that same letter)
+    "improvised": "bool",  # impro* dialogs; script* dialogs are False
+    "category": "string",  # neu, hap, ..., xxx (no agreement), never relabelled
+    "valence": "float64",  # header bracket order is [V, A, D]
     "arousal": "float64",
     "dominance": "float64",
-    "valence_class": "int64",       # 0 low, 1 medium, 2 high (thresholds in params.yaml)
+    "valence_class": "int64",  # 0 low, 1 medium, 2 high (thresholds in params.yaml)
     "arousal_class": "int64",
     "dominance_class": "int64",
-    "start_s": "float64",           # turn boundaries inside the dialog recording
+    "start_s": "float64",  # turn boundaries inside the dialog recording
     "end_s": "float64",
-    "wav_path": "string",           # relative to the corpus root, posix separators
-    "duration_s": "float64",        # of the source wav
+    "wav_path": "string",  # relative to the corpus root, posix separators
+    "duration_s": "float64",  # of the source wav
     "source_sample_rate": "int64",
-    "sha256": "string",             # of the source wav bytes
-    "offset": "int64",              # first sample in the audio store
-    "num_samples": "int64",         # samples in the audio store (at data.sample_rate)
-    "rms_dbfs": "float64",          # per-utterance audio statistics of the source signal
+    "sha256": "string",  # of the source wav bytes
+    "offset": "int64",  # first sample in the audio store
+    "num_samples": "int64",  # samples in the audio store (at data.sample_rate)
+    "rms_dbfs": "float64",  # per-utterance audio statistics of the source signal
     "peak": "float64",
     "clipped_fraction": "float64",
     "nonfinite_count": "int64",

@@ -57,7 +57,9 @@ class LocalSource:
             real_dir = os.path.realpath(dirpath)
             rel_dir = os.path.relpath(dirpath, self.root)
             if not self._inside(real_dir):
-                raise CorpusError(f"{rel_dir}: symlinked folder resolves to {real_dir}, outside the corpus root")
+                raise CorpusError(
+                    f"{rel_dir}: symlinked folder resolves to {real_dir}, outside the corpus root"
+                )
             if real_dir in seen_dirs:  # a symlink loop or a folder linked twice
                 dirnames.clear()
                 continue
@@ -68,7 +70,9 @@ class LocalSource:
                 rel = os.path.relpath(full, self.root).replace(os.sep, "/")
                 real = os.path.realpath(full)
                 if not self._inside(real):
-                    raise CorpusError(f"{rel}: symlink resolves to {real}, outside the corpus root {self.root}")
+                    raise CorpusError(
+                        f"{rel}: symlink resolves to {real}, outside the corpus root {self.root}"
+                    )
                 if not os.path.isfile(real):
                     continue
                 stat = os.stat(real)
@@ -101,7 +105,9 @@ class S3Source:
         self.client = boto3.client(
             "s3",
             endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
-            config=Config(retries={"max_attempts": 8, "mode": "adaptive"}, connect_timeout=10, read_timeout=60),
+            config=Config(
+                retries={"max_attempts": 8, "mode": "adaptive"}, connect_timeout=10, read_timeout=60
+            ),
         )
 
     def list_files(self) -> list[SourceFile]:

@@ -142,7 +142,7 @@ def validate(ingest_dir: Path, out_dir: Path, params: Params) -> ValidationSumma
     the reports; raises ValidationInputError only when the inputs cannot be read.
     """
     started = time.perf_counter()
-    ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
+    ingest_dir, out_dir = Path(ingest_dir).absolute(), Path(out_dir).absolute()
     manifest, store_meta, audio_bytes = _read_inputs(ingest_dir)
     tables = build_tables(manifest, store_meta, audio_bytes, params)
     checks, skipped = build_checks(tables, params)
