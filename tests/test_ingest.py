@@ -218,3 +218,25 @@ def test_cli_reports_clear_error_and_exit_code(corpus, tmp_path):
     )
     assert result.exit_code == 2
     assert f"{ANNOTATION}:3: malformed utterance header line" in result.output
+
+
+def test_float_wav_with_nan_is_kept_with_its_nonfinite_count(corpus, tmp_path):
+    samples = np.full(8000, 0.25, dtype=np.float32)
+    samples[100:110] = np.nan
+    sf.write(corpus / WAV.format("F000"), samples, 16000, subtype="FLOAT")
+    run(corpus, tmp_path)
+    store = AudioStore(tmp_path / "out")
+    row = store.manifest.set_index("utterance_id").loc["Ses01F_impro01_F000"]
+    assert row["nonfinite_count"] == 10  # validation's nonfinite expectation reports it
+    waveform = store.waveform("Ses01F_impro01_F000")
+    assert np.isfinite(waveform).all() and waveform[0] == 0.25 and waveform[105] == 0.0
+
+
+def test_pcm16_stats_match_float_computation(corpus, tmp_path):
+    from sermtl.audio import audio_stats, decode_wav
+
+    decoded = decode_wav((corpus / WAV.format("F000")).read_bytes())
+    assert decoded.samples.dtype == np.int16
+    fast, reference = audio_stats(decoded.samples), audio_stats(decoded.as_float())
+    assert fast.rms_dbfs == pytest.approx(reference.rms_dbfs, abs=1e-3)
+    assert (fast.peak, fast.clipped_fraction) == (reference.peak, reference.clipped_fraction)

@@ -53,21 +53,29 @@ def check_riff_container(data: bytes) -> None:
 
 @dataclass(frozen=True)
 class DecodedAudio:
-    samples: np.ndarray  # float32, mono, in [-1, 1]
+    samples: np.ndarray  # mono; int16 for 16-bit PCM sources (kept exact and cheap), else float32 in [-1, 1]
     sample_rate: int
+
+    def as_float(self) -> np.ndarray:
+        if self.samples.dtype == STORE_DTYPE:
+            return self.samples.astype(np.float32) / 32768.0
+        return self.samples
 
 
 def decode_wav(data: bytes) -> DecodedAudio:
     check_riff_container(data)
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as handle:
+            if handle.channels != 1:
+                raise AudioProblem("not_mono", f"{handle.channels} channels; IEMOCAP utterances are mono")
+            dtype = "int16" if handle.subtype == "PCM_16" else "float32"
+            samples = handle.read(dtype=dtype)
+            rate = handle.samplerate
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
         raise AudioProblem("corrupt_wav", f"cannot decode: {exc}") from exc
-    if samples.shape[1] != 1:
-        raise AudioProblem("not_mono", f"{samples.shape[1]} channels; IEMOCAP utterances are mono")
     if samples.shape[0] == 0:
         raise AudioProblem("empty_audio", "no samples")
-    return DecodedAudio(samples[:, 0], int(rate))
+    return DecodedAudio(samples, int(rate))
 
 
 def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -89,13 +97,21 @@ class AudioStats:
 
 
 def audio_stats(samples: np.ndarray) -> AudioStats:
+    """Level, peak, clipping and NaN count of int16 or float samples, on the [-1, 1] scale."""
+    if samples.dtype == STORE_DTYPE:
+        as_float = samples.astype(np.float32)
+        peak = max(-int(samples.min()), int(samples.max())) / 32768.0
+        limit = int(CLIP_LEVEL * 32768)
+        clipped = int(np.count_nonzero(samples >= limit) + np.count_nonzero(samples <= -limit))
+        rms = float(np.sqrt(np.dot(as_float, as_float) / samples.size)) / 32768.0
+        return AudioStats(20.0 * np.log10(max(rms, 1e-10)), peak, clipped / samples.size, 0)
     finite = np.isfinite(samples)
     nonfinite = int(samples.size - np.count_nonzero(finite))
     clean = samples[finite] if nonfinite else samples
     if clean.size == 0:
         return AudioStats(-200.0, 0.0, 0.0, nonfinite)
     x64 = clean.astype(np.float64)
-    rms = float(np.sqrt(np.mean(x64 * x64)))
+    rms = float(np.sqrt(np.dot(x64, x64) / clean.size))
     magnitude = np.abs(clean)
     return AudioStats(
         rms_dbfs=20.0 * np.log10(max(rms, 1e-10)),
@@ -106,9 +122,16 @@ def audio_stats(samples: np.ndarray) -> AudioStats:
 
 
 def to_pcm16(samples: np.ndarray) -> np.ndarray:
-    """Exact for 16-bit sources (soundfile scales them by 1/32768); NaN becomes 0."""
+    """NaN becomes 0; values beyond full scale saturate."""
     scaled = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0) * 32768.0
     return np.clip(np.rint(scaled), -32768, 32767).astype(STORE_DTYPE)
+
+
+def store_samples(decoded: DecodedAudio, sample_rate: int) -> np.ndarray:
+    """int16 samples at the store's rate; 16-bit sources at that rate pass through untouched."""
+    if decoded.samples.dtype == STORE_DTYPE and decoded.sample_rate == sample_rate:
+        return decoded.samples
+    return to_pcm16(resample(decoded.as_float(), decoded.sample_rate, sample_rate))
 
 
 class AudioStoreWriter:

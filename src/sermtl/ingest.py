@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from sermtl.audio import AudioProblem, AudioStoreWriter, audio_stats, decode_wav, resample, to_pcm16
+from sermtl.audio import AudioProblem, AudioStoreWriter, audio_stats, decode_wav, store_samples
 from sermtl.corpus import (
     Annotation,
     classify_files,
@@ -160,8 +160,7 @@ def ingest(
                 stats = audio_stats(decoded.samples)
                 if decoded.sample_rate != params.data.sample_rate:
                     resampled[str(decoded.sample_rate)] += 1
-                pcm = to_pcm16(resample(decoded.samples, decoded.sample_rate, params.data.sample_rate))
-                offset, num_samples = store.append(pcm)
+                offset, num_samples = store.append(store_samples(decoded, params.data.sample_rate))
                 rows.append(
                     _manifest_row(annotation, wav_path, decoded, data, stats, offset, num_samples, params)
                 )

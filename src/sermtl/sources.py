@@ -46,6 +46,7 @@ class LocalSource:
         if not given.is_dir():
             raise CorpusError(f"{given}: corpus folder not found")
         self.root = given.resolve()
+        self._checked_dirs: set[Path] = set()
 
     def _inside(self, real: str) -> bool:
         return real == str(self.root) or real.startswith(str(self.root) + os.sep)
@@ -68,8 +69,9 @@ class LocalSource:
             for name in sorted(filenames):
                 full = os.path.join(dirpath, name)
                 rel = os.path.relpath(full, self.root).replace(os.sep, "/")
-                real = os.path.realpath(full)
-                if not self._inside(real):
+                # Folders were checked above, so only a symlinked file can lead elsewhere.
+                real = os.path.realpath(full) if os.path.islink(full) else full
+                if real is not full and not self._inside(real):
                     raise CorpusError(
                         f"{rel}: symlink resolves to {real}, outside the corpus root {self.root}"
                     )
@@ -81,10 +83,14 @@ class LocalSource:
 
     def read_bytes(self, path: str) -> bytes:
         _check_relative(path, self.uri)
-        real = os.path.realpath(self.root / path)
-        if not self._inside(real):
-            raise CorpusError(f"{path}: resolves to {real}, outside the corpus root {self.root}")
-        return Path(real).read_bytes()
+        full = self.root / path
+        if full.parent not in self._checked_dirs or full.is_symlink():
+            real = os.path.realpath(full)
+            if not self._inside(real):
+                raise CorpusError(f"{path}: resolves to {real}, outside the corpus root {self.root}")
+            if not full.is_symlink():
+                self._checked_dirs.add(full.parent)
+        return full.read_bytes()
 
 
 class S3Source:
