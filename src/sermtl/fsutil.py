@@ -31,13 +31,18 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
 def replace_directory(new: Path, target: Path) -> None:
     """Swap `new` in place of `target` with renames only, so readers never see a partial directory."""
     old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists() or target.is_symlink():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-    os.replace(new, target)
+    if not (target.exists() or target.is_symlink()):
+        os.replace(new, target)
+        return
     if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old)
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)  # put the previous result back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -26,7 +26,6 @@ import math
 import multiprocessing
 import numbers
 import os
-import shutil
 import struct
 import sys
 import zlib
@@ -39,6 +38,10 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import lfilter
 from tqdm import tqdm
+
+from sermtl.corpus import to_class
+from sermtl.fsutil import atomic_directory
+from sermtl.params import Thresholds
 
 SESSIONS: tuple[int, ...] = (1, 2, 3, 4, 5)
 # Utterances per session and dialogs in the real corpus: the synthetic one is scaled from these.
@@ -58,8 +61,7 @@ MAX_MEAN_DURATION_S = 12.0
 DURATION_SIGMA = 0.55  # lognormal shape of utterance durations (IEMOCAP: median 3.4 s, mean 4.45 s)
 
 # Default 3-class bins (params.yaml data.thresholds); every session is made to hold every class.
-LOW_MAX = 2.0
-HIGH_MIN = 4.0
+DEFAULT_THRESHOLDS = Thresholds()  # class coverage is guaranteed for these (params.yaml defaults)
 TICKS_PER_SECOND = 10_000  # annotation times have 4 decimals
 
 TABLE_HEADER = "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]"
@@ -205,16 +207,12 @@ def synthesize(
     all_utts = [u for d in dialogs for u in d.utts]
     audio_seeds = audio_seq.spawn(len(all_utts))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     # Largest dialogs first balances the workers; each utterance has its own seed, so the order of
     # work never changes the bytes.
     jobs = sorted(dialogs, key=lambda d: (-len(d.utts), d.name))
     workers = _worker_count(len(all_utts))
     total_samples = 0
-    try:
+    with atomic_directory(out_dir) as tmp:
         for dialog in dialogs:
             _write_annotations(tmp, dialog, sample_rate)
         bar = tqdm(total=len(all_utts), disable=not progress, file=sys.stderr, unit="utt", desc="synth")
@@ -226,10 +224,6 @@ def synthesize(
             else:
                 rendered = _render_in_workers(tmp, jobs, speakers, sample_rate, audio_seeds, workers, bar)
                 total_samples += rendered
-        _replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return SynthSummary(
         out_dir=out_dir,
         utterances=len(all_utts),
@@ -357,22 +351,6 @@ def _check_replaceable(out_dir: Path) -> None:
             f"{out_dir} is not empty and holds no Session1..Session5 folder; refusing to replace "
             "what does not look like a corpus"
         )
-
-
-def _replace(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        aside = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        if aside.exists():
-            shutil.rmtree(aside)
-        out_dir.rename(aside)
-        try:
-            tmp.rename(out_dir)
-        except BaseException:
-            aside.rename(out_dir)  # put the previous corpus back
-            raise
-        shutil.rmtree(aside)
-    else:
-        tmp.rename(out_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,7 +552,7 @@ def _external_ratings(latent: np.ndarray, bias: np.ndarray, rng: np.random.Gener
 
 
 def _class_of(value: float) -> int:
-    return 0 if value <= LOW_MAX else 2 if value >= HIGH_MIN else 1
+    return to_class(value, DEFAULT_THRESHOLDS)
 
 
 def _cover_classes(dialogs: list[_Dialog], rng: np.random.Generator) -> None:

@@ -46,6 +46,9 @@ from sermtl.schema import (
 )
 
 log = logging.getLogger(__name__)
+# GX narrates its internals at INFO (from import on); under the KFP executor, whose root logger is at
+# INFO, that buries the report.
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 SUMMARY_FILE = "summary.json"
 DATA_DOCS_DIR = "data_docs"
