@@ -118,3 +118,13 @@ def test_nan_rating_parses_for_counted_drop():
 def test_class_thresholds_low_le_2_high_ge_4():
     thresholds = Thresholds(low_max=2.0, high_min=4.0)
     assert [to_class(v, thresholds) for v in (1.0, 2.0, 2.5, 3.5, 4.0, 5.0)] == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "key", ["../Session1/x.wav", "/etc/passwd", "Session1/../../x.wav", "Session1//x.wav"]
+)
+def test_s3_keys_escaping_the_prefix_are_refused(key):
+    from sermtl.sources import _check_relative
+
+    with pytest.raises(CorpusError, match="escapes or is not normalised"):
+        _check_relative(key, "s3://bucket/corpus")
