@@ -47,7 +47,7 @@ def weed_binary() -> str:
     return found
 
 
-def stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+def stop_process(process: subprocess.Popen, grace_s: float = 5.0) -> None:
     """SeaweedFS may ignore SIGTERM for a while: terminate, wait, then kill."""
     if process.poll() is not None:
         return
