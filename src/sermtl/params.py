@@ -73,18 +73,92 @@ class FeatureParams:
 
 
 @dataclass(frozen=True)
+class ModelParams:
+    conv_channels: int = 40
+    conv_kernel: int = 40
+    conv_pool: int = 2
+    rnn: str = "gru"
+    rnn_hidden: int = 128
+    rnn_layers: int = 2
+    dropout: float = 0.0
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"arousal": 1.0, "valence": 1.0, "dominance": 1.0}
+    )
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    optimizer: str = "adam"
+    learning_rate: float = 1e-4
+    batch_size: int = 16
+    max_epochs: int = 30
+    early_stopping_patience: int = 5
+    class_balanced_loss: bool = False
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True
+    compile: bool = False
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class SystemParams:
+    kind: str = "neural"  # neural | egemaps
+    multitask: bool = True
+    pooling: str = "attention"  # attention | mean
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    proposed_system: str = "mtl_attention"
+    dimensions: list[str] = field(default_factory=lambda: ["arousal", "valence", "dominance"])
+    subsets: list[str] = field(default_factory=lambda: ["all", "improvised"])
+
+
+def _default_systems() -> dict[str, SystemParams]:
+    return {
+        "mtl_attention": SystemParams("neural", True, "attention"),
+        "mtl_mean": SystemParams("neural", True, "mean"),
+        "stl_attention": SystemParams("neural", False, "attention"),
+        "stl_mean": SystemParams("neural", False, "mean"),
+        "egemaps_linear": SystemParams("egemaps"),
+    }
+
+
+@dataclass(frozen=True)
 class Params:
+    profile: str = "paper"
     data: DataParams = field(default_factory=DataParams)
     validation: ValidationParams = field(default_factory=ValidationParams)
     features: FeatureParams = field(default_factory=FeatureParams)
-    # Sections later stages own (model, train, eval, ...) are kept verbatim until they get a type.
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    systems: dict[str, SystemParams] = field(default_factory=_default_systems)
+    eval: EvalParams = field(default_factory=EvalParams)
+    # Sections no stage has typed yet are kept verbatim.
     extra: dict[str, Any] = field(default_factory=dict)
 
     def section_hash(self, name: str) -> str:
         """Stable hash of one section, used to decide whether a stage's output is up to date."""
         section = getattr(self, name)
-        payload = yaml.safe_dump(dataclasses.asdict(section), sort_keys=True)
+        if dataclasses.is_dataclass(section):
+            section = dataclasses.asdict(section)
+        elif isinstance(section, dict):
+            section = {
+                k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in section.items()
+            }
+        payload = yaml.safe_dump(section, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# Fields that take one of a few words; anything else is an error naming the key.
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("ModelParams", "rnn"): ("gru", "lstm"),
+    ("TrainParams", "optimizer"): ("adam", "adamw"),
+    ("TrainParams", "device"): ("auto", "cpu", "cuda"),
+    ("SystemParams", "kind"): ("neural", "egemaps"),
+    ("SystemParams", "pooling"): ("attention", "mean"),
+}
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -96,6 +170,10 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if unknown:
         raise ParamsError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in raw.items()}
+    for name, value in kwargs.items():
+        allowed = CHOICES.get((cls.__name__, name))
+        if allowed and value not in allowed:
+            raise ParamsError(f"{where}.{name}: {value!r} is not one of {', '.join(allowed)}")
     return cls(**kwargs)
 
 
@@ -108,7 +186,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ParamsError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)
         return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or origin in (typing.Union, types.UnionType):
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(hint)
+        return {k: _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -119,9 +202,30 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in override.items()}}
+    return override
+
+
+def apply_profile(raw: dict[str, Any], where: str = "params") -> dict[str, Any]:
+    """Merge `profiles[profile]` over the sections; `paper` (or no profile) leaves them as written."""
+    profile = raw.get("profile", "paper")
+    profiles = raw.get("profiles") or {}
+    if profile == "paper":
+        return {k: v for k, v in raw.items() if k != "profiles"}
+    if profile not in profiles:
+        known = ", ".join(["paper", *profiles]) or "paper"
+        raise ParamsError(f"{where}:profile: unknown profile {profile!r}; known: {known}")
+    merged = _merge({k: v for k, v in raw.items() if k != "profiles"}, profiles[profile])
+    merged["profile"] = profile
+    return merged
+
+
 def params_from_dict(raw: dict[str, Any], where: str = "params") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{where}: expected a mapping at the top level")
+    raw = apply_profile(raw, where)
     typed = {f.name for f in dataclasses.fields(Params)} - {"extra"}
     kwargs: dict[str, Any] = {}
     hints = typing.get_type_hints(Params)
