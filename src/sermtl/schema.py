@@ -39,3 +39,11 @@ MANIFEST_FILE = "manifest.parquet"
 REPORT_FILE = "report.json"
 AUDIO_FILE = "audio.pcm16"
 STORE_META_FILE = "store.json"
+
+# A training run directory, one per (system, fold): artifacts/train/<system>/fold<k>/
+PREDICTIONS_FILE = "predictions.parquet"  # sermtl.metrics.PREDICTION_COLUMNS, test utterances x dimensions
+RUN_METRICS_FILE = "metrics.json"  # final metrics of the fold (see sermtl.training)
+HISTORY_FILE = "history.json"  # per-epoch metrics (neural systems)
+ATTENTION_FILE = "attention.npz"  # attention weights of a few test utterances (attention systems)
+MODEL_DIR = "model"  # what is needed to rebuild the trained predictor
+CHECKPOINT_FILE = "checkpoint.pt"  # latest epoch, for resumption after a kill
