@@ -32,7 +32,11 @@ TASK_OUTPUTS = {  # pipeline output -> (task, output) that produced it; for find
     "validation_report": ("validate-corpus", "validation_report"),
     "validation_summary": ("validate-corpus", "validation_summary"),
     "validation_docs": ("validate-corpus", "validation_docs"),
+    "study_results": ("collect-study", "study_results"),
+    "results_report": ("collect-study", "results_report"),
+    "results_table": ("collect-study", "results_table"),
 }
+RESULTS_COPY = "results.html"
 # Telemetry stays off in the task subprocesses, which inherit this process's environment.
 QUIET_ENV = {"GX_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
 
@@ -105,11 +109,12 @@ def _record_after_failure(pipeline_root: Path, error: Exception) -> dict[str, An
 
 
 def _copy_report(record: dict[str, Any], outputs: Path) -> None:
-    report = record.get("validation_report")
-    if report and Path(report).is_file():
-        copy = outputs / REPORT_COPY
-        shutil.copyfile(report, copy)
-        record["validation_report_html"] = str(copy)
+    for key, name in (("validation_report", REPORT_COPY), ("results_report", RESULTS_COPY)):
+        report = record.get(key)
+        if report and Path(report).is_file():
+            copy = outputs / name
+            shutil.copyfile(report, copy)
+            record[f"{key}_html"] = str(copy)
 
 
 def _print_record(record: dict[str, Any], last_run: Path) -> None:
@@ -121,6 +126,8 @@ def _print_record(record: dict[str, Any], last_run: Path) -> None:
         ("validation report:", "validation_report"),
         ("  same, as .html:", "validation_report_html"),
         ("data docs:", "validation_docs"),
+        ("study results:", "study_results"),
+        ("results report:", "results_report_html"),
     ):
         if record.get(key):
             print(f"  {label:<19}{record[key]}")
@@ -135,6 +142,10 @@ def _print_record(record: dict[str, Any], last_run: Path) -> None:
         print(f"  validation:        {'passed' if validation.get('success') else 'FAILED'} {validation}")
     if record.get("error"):
         print(f"  error:             {record['error']}")
+    table = record.get("results_table")
+    if table and Path(table).is_file():
+        print()
+        print(Path(table).read_text().rstrip())
     print(f"  recorded in:       {last_run}")
 
 
@@ -145,7 +156,7 @@ def run_local(
     *,
     enable_caching: bool = False,
 ) -> dict[str, Any]:
-    """Run ingest -> validate locally; return (and write to last_run.json) where the outputs are.
+    """Run the whole DAG locally; return (and write to last_run.json) where the outputs are.
 
     Raises RuntimeError when a task fails (e.g. validation), after recording what the run left.
     """
@@ -153,6 +164,7 @@ def run_local(
 
     from pipelines.sermtl_pipeline import sermtl_pipeline
     from sermtl.params import load_params
+    from sermtl.pipeline_runner import dvc_data_version
 
     params_path = Path(params_path)
     params = load_params(params_path)
@@ -178,7 +190,11 @@ def run_local(
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         try:
-            task = sermtl_pipeline(corpus_uri=corpus_uri, params_yaml=params_yaml)
+            task = sermtl_pipeline(
+                corpus_uri=corpus_uri,
+                params_yaml=params_yaml,
+                data_version=dvc_data_version(corpus_uri, REPO_ROOT),
+            )
         except RuntimeError as error:
             record = {"corpus_uri": corpus_uri, "params": str(params_path.resolve())}
             record.update(_record_after_failure(pipeline_root, error))

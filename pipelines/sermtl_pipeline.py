@@ -1,4 +1,4 @@
-"""The sermtl Kubeflow DAG: ingest -> validate.
+"""The sermtl Kubeflow DAG: ingest -> validate -> train every (system, fold) -> collect the study.
 
 The whole params.yaml travels as one string parameter so that the cluster run and the local run
 read exactly the same settings as the DVC stages and the CLI.
@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from kfp import compiler, dsl
-from kfp.dsl import HTML, Artifact, Dataset, Metrics
+from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics
 
+from components.collect import collect_study
 from components.ingest import ingest_corpus
+from components.train import plan_study, train_system_fold
 from components.validate import validate_corpus
 
 PIPELINE_NAME = "sermtl"
@@ -19,6 +21,9 @@ PIPELINE_NAME = "sermtl"
 # Requests compiled into the YAML for the cluster scheduler (the local runner ignores them).
 INGEST_RESOURCES = {"cpu": "2", "memory": "4Gi"}
 VALIDATE_RESOURCES = {"cpu": "1", "memory": "2Gi"}
+PLAN_RESOURCES = {"cpu": "0.5", "memory": "512Mi"}
+TRAIN_RESOURCES = {"cpu": "4", "memory": "16Gi"}
+COLLECT_RESOURCES = {"cpu": "1", "memory": "4Gi"}
 
 # Keep third-party telemetry off in every task, locally and on the cluster.
 TASK_ENV = {"GX_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
@@ -29,6 +34,9 @@ class PipelineOutputs(NamedTuple):
     validation_report: HTML
     validation_summary: Metrics
     validation_docs: Artifact
+    study_results: Dataset
+    results_report: HTML
+    results_table: Markdown
 
 
 def _configure(task: dsl.PipelineTask, display_name: str, resources: dict[str, str]) -> dsl.PipelineTask:
@@ -46,8 +54,11 @@ def _configure(task: dsl.PipelineTask, display_name: str, resources: dict[str, s
         "IEMOCAP-layout corpus into the training audio store, then validate it with great-expectations."
     ),
 )
-def sermtl_pipeline(corpus_uri: str, params_yaml: str) -> PipelineOutputs:
-    """Ingest the corpus named by ``corpus_uri`` and validate it; params_yaml is params.yaml's text."""
+def sermtl_pipeline(corpus_uri: str, params_yaml: str, data_version: str = "") -> PipelineOutputs:
+    """Ingest and validate the corpus, train the study, collect it; params_yaml is params.yaml's text.
+
+    data_version names the corpus version (the DVC hash) for the MLflow tags.
+    """
     ingest = _configure(
         ingest_corpus(corpus_uri=corpus_uri, params_yaml=params_yaml), "Ingest corpus", INGEST_RESOURCES
     )
@@ -56,11 +67,38 @@ def sermtl_pipeline(corpus_uri: str, params_yaml: str) -> PipelineOutputs:
         "Validate corpus",
         VALIDATE_RESOURCES,
     )
+    plan = _configure(plan_study(params_yaml=params_yaml), "Plan study", PLAN_RESOURCES)
+    plan.after(validate)  # nothing trains on a corpus that failed validation
+    with dsl.ParallelFor(plan.output) as run:
+        train = _configure(
+            train_system_fold(
+                corpus_store=ingest.outputs["corpus_store"],
+                params_yaml=params_yaml,
+                system=run.system,
+                fold=run.fold,
+            ),
+            "Train system/fold",
+            TRAIN_RESOURCES,
+        )
+    collect = _configure(
+        collect_study(
+            corpus_store=ingest.outputs["corpus_store"],
+            trained_runs=dsl.Collected(train.outputs["trained_run"]),
+            params_yaml=params_yaml,
+            data_version=data_version,
+            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        ),
+        "Collect study",
+        COLLECT_RESOURCES,
+    )
     return PipelineOutputs(
         corpus_store=ingest.outputs["corpus_store"],
         validation_report=validate.outputs["validation_report"],
         validation_summary=validate.outputs["validation_summary"],
         validation_docs=validate.outputs["validation_docs"],
+        study_results=collect.outputs["study_results"],
+        results_report=collect.outputs["results_report"],
+        results_table=collect.outputs["results_table"],
     )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +18,11 @@ if str(REPO_ROOT) not in sys.path:  # components/ and pipelines/ are top-level p
 from components import SERMTL_IMAGE  # noqa: E402
 from pipelines.run_local import LAST_RUN_FILE, run_local  # noqa: E402
 from pipelines.sermtl_pipeline import (  # noqa: E402
+    COLLECT_RESOURCES,
     INGEST_RESOURCES,
     PIPELINE_NAME,
+    PLAN_RESOURCES,
+    TRAIN_RESOURCES,
     VALIDATE_RESOURCES,
     compile_pipeline,
 )
@@ -62,9 +64,10 @@ def test_compiled_dag_structure(compiled: dict) -> None:
     assert root["inputDefinitions"]["parameters"] == {
         "corpus_uri": {"parameterType": "STRING"},
         "params_yaml": {"parameterType": "STRING"},
+        "data_version": {"defaultValue": "", "isOptional": True, "parameterType": "STRING"},
     }
     tasks = root["dag"]["tasks"]
-    assert set(tasks) == {"ingest-corpus", "validate-corpus"}
+    assert set(tasks) == {"ingest-corpus", "validate-corpus", "plan-study", "for-loop-1", "collect-study"}
     assert tasks["ingest-corpus"]["taskInfo"]["name"] == "Ingest corpus"
     assert tasks["validate-corpus"]["taskInfo"]["name"] == "Validate corpus"
     assert "dependentTasks" not in tasks["ingest-corpus"]
@@ -72,8 +75,10 @@ def test_compiled_dag_structure(compiled: dict) -> None:
     assert tasks["validate-corpus"]["inputs"]["artifacts"]["corpus_store"] == {
         "taskOutputArtifact": {"outputArtifactKey": "corpus_store", "producerTask": "ingest-corpus"}
     }
-    for task in tasks.values():
-        assert task["inputs"]["parameters"]["params_yaml"] == {"componentInputParameter": "params_yaml"}
+    for name in ("ingest-corpus", "validate-corpus", "plan-study", "collect-study"):
+        assert tasks[name]["inputs"]["parameters"]["params_yaml"] == {
+            "componentInputParameter": "params_yaml"
+        }
     assert tasks["ingest-corpus"]["inputs"]["parameters"]["corpus_uri"] == {
         "componentInputParameter": "corpus_uri"
     }
@@ -82,12 +87,48 @@ def test_compiled_dag_structure(compiled: dict) -> None:
         "validation_report",
         "validation_summary",
         "validation_docs",
+        "study_results",
+        "results_report",
+        "results_table",
+    }
+
+
+def test_compiled_study_fans_out_over_plan_and_collects(compiled: dict) -> None:
+    tasks = compiled["root"]["dag"]["tasks"]
+    assert tasks["plan-study"]["dependentTasks"] == ["validate-corpus"]  # no training on a failed corpus
+    loop = tasks["for-loop-1"]
+    assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--plan-study-Output"}
+    body = compiled["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    train = body["train-system-fold"]
+    assert train["inputs"]["artifacts"]["corpus_store"] == {
+        "componentInputArtifact": "pipelinechannel--ingest-corpus-corpus_store"
+    }
+    for field in ("system", "fold"):
+        assert (
+            train["inputs"]["parameters"][field]["parameterExpressionSelector"]
+            == f'parseJson(string_value)["{field}"]'
+        )
+    collect = tasks["collect-study"]
+    assert collect["inputs"]["artifacts"]["trained_runs"] == {
+        "taskOutputArtifact": {
+            "outputArtifactKey": "pipelinechannel--train-system-fold-trained_run",
+            "producerTask": "for-loop-1",
+        }
+    }
+    assert collect["inputs"]["parameters"]["pipeline_run_id"] == {
+        "runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}
     }
 
 
 def test_compiled_executors_image_resources_env(compiled: dict) -> None:
     executors = compiled["deploymentSpec"]["executors"]
-    expected = {"exec-ingest-corpus": INGEST_RESOURCES, "exec-validate-corpus": VALIDATE_RESOURCES}
+    expected = {
+        "exec-ingest-corpus": INGEST_RESOURCES,
+        "exec-validate-corpus": VALIDATE_RESOURCES,
+        "exec-plan-study": PLAN_RESOURCES,
+        "exec-train-system-fold": TRAIN_RESOURCES,
+        "exec-collect-study": COLLECT_RESOURCES,
+    }
     assert set(executors) == set(expected)
     for name, resources in expected.items():
         container = executors[name]["container"]
@@ -119,9 +160,7 @@ def test_run_local_cli_is_importable_from_repo_root() -> None:
 @pytest.mark.slow
 def test_run_local_end_to_end(tmp_path: Path, local_config: None, capsys: pytest.CaptureFixture[str]) -> None:
     outputs = tmp_path / "local_outputs"
-    started = time.monotonic()
     record = run_local(tiny_params(tmp_path), outputs_dir=outputs)
-    elapsed = time.monotonic() - started
     printed = capsys.readouterr().out
 
     assert (tmp_path / "IEMOCAP_full_release").is_dir(), "the missing corpus was synthesised"
@@ -144,7 +183,6 @@ def test_run_local_end_to_end(tmp_path: Path, local_config: None, capsys: pytest
     assert record["validation"]["success"] is True
     for path in (str(store), str(report), str(outputs / LAST_RUN_FILE)):
         assert path in printed
-    assert elapsed < 90, f"local run took {elapsed:.0f} s"
 
 
 @pytest.mark.slow

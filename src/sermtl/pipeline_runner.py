@@ -143,3 +143,94 @@ def render_report(
         f"<details><summary>summary.json</summary><pre>{raw}</pre></details>"
         "</body></html>\n"
     )
+
+
+def dvc_data_version(corpus_uri: str, repo_root: str | Path = ".") -> str:
+    """The md5 that `data.dvc` records for the folder holding the corpus, or "" if DVC does not track it.
+
+    This names the corpus version in MLflow tags; `dvc status data.dvc` says whether the workspace
+    still matches it.
+    """
+    import yaml
+
+    dvc_file = Path(repo_root) / "data.dvc"
+    if corpus_uri.startswith("s3://") or not dvc_file.is_file():
+        return ""
+    try:
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+    except yaml.YAMLError:
+        return ""
+    corpus = Path(corpus_uri).resolve()
+    for out in outs:
+        tracked = (dvc_file.parent / str(out.get("path", ""))).resolve()
+        if out.get("md5") and (corpus == tracked or tracked in corpus.parents):
+            return f"dvc:{out['md5']}"
+    return ""
+
+
+def plan_step(params_yaml: str) -> list[dict[str, Any]]:
+    """Every (system, fold) of the study: the items of the DAG's ParallelFor."""
+    params = params_from_yaml(params_yaml, PARAMS_WHERE)
+    return [
+        {"system": system, "fold": fold}
+        for system in params.systems
+        for fold in range(len(params.data.sessions))
+    ]
+
+
+def train_step(
+    store_dir: str | Path, params_yaml: str, system: str, fold: int, out_dir: str | Path
+) -> dict[str, float]:
+    """Train and evaluate one (system, fold) into ``out_dir``; return its test metrics for KFP."""
+    from sermtl.metrics import flat_metrics
+    from sermtl.training import train_fold
+
+    params = params_from_yaml(params_yaml, PARAMS_WHERE)
+    result = train_fold(Path(store_dir), system, int(fold), Path(out_dir), params, progress=False)
+    return flat_metrics({"all": result["evaluation"]["all"]}, prefix="test_")
+
+
+def collect_step(
+    run_dirs: list[str],
+    store_dir: str | Path,
+    params_yaml: str,
+    results_dir: str | Path,
+    report_html: str | Path,
+    table_markdown: str | Path,
+    *,
+    data_version: str = "",
+    pipeline_run_id: str = "",
+    track: bool = True,
+) -> dict[str, float]:
+    """Results table of the study from the ParallelFor's run folders, logged to MLflow as one study.
+
+    KFP hands the runs over as a flat list of folders; each names its (system, fold) in metrics.json,
+    so they are linked into the artifacts/train/<system>/fold<k> layout that `sermtl results` reads.
+    """
+    import tempfile
+
+    from sermtl.results import RESULTS_HTML, RESULTS_MARKDOWN, collect_results
+    from sermtl.schema import RUN_METRICS_FILE
+
+    params = params_from_yaml(params_yaml, PARAMS_WHERE)
+    with tempfile.TemporaryDirectory(prefix="sermtl-study-") as scratch:
+        train_dir = Path(scratch) / "train"
+        for run in run_dirs:
+            meta = _read_json(Path(run) / RUN_METRICS_FILE)
+            if "system" not in meta or "fold" not in meta:
+                raise FileNotFoundError(f"{run}: no {RUN_METRICS_FILE} naming its system and fold")
+            link = train_dir / meta["system"] / f"fold{meta['fold']}"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(run).resolve(), target_is_directory=True)
+        table = collect_results(train_dir, Path(results_dir), params)
+        if track:
+            from sermtl.tracking import track_study
+
+            track_study(
+                train_dir, Path(store_dir), Path(results_dir), table, params, data_version, pipeline_run_id
+            )
+    for source, target in ((RESULTS_HTML, report_html), (RESULTS_MARKDOWN, table_markdown)):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text((Path(results_dir) / source).read_text())
+    pooled = table[table["subset"] == "all"]
+    return {f"pooled_uar_{row.system}_{row.dimension}": float(row.pooled_uar) for row in pooled.itertuples()}
