@@ -8,6 +8,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
+import pandas as pd
 import pytest
 import yaml
 
@@ -30,12 +32,21 @@ from pipelines.sermtl_pipeline import (  # noqa: E402
 TINY_UTTERANCES = 60
 
 
+TINY_SYSTEMS = ("mtl_attention", "egemaps_linear")
+
+
 def tiny_params(tmp_path: Path, **data_overrides: object) -> Path:
-    """A params.yaml whose corpus (generated on first use) is tiny and lives under tmp_path."""
+    """A params.yaml whose corpus (generated on first use) is tiny and lives under tmp_path.
+
+    The study keeps two systems (a neural one and the hand-crafted one) and two epochs, so the
+    DAG's fan-out and collection run for real at the cost of 10 short trainings.
+    """
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     raw["data"]["corpus"] = str(tmp_path / "IEMOCAP_full_release")
     raw["data"]["synth"].update(utterances=TINY_UTTERANCES, mean_duration_s=0.8)
     raw["data"].update(data_overrides)
+    raw["systems"] = {name: raw["systems"][name] for name in TINY_SYSTEMS}
+    raw["profiles"]["demo"]["train"].update(max_epochs=2, early_stopping_patience=1)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -158,8 +169,12 @@ def test_run_local_cli_is_importable_from_repo_root() -> None:
 
 
 @pytest.mark.slow
-def test_run_local_end_to_end(tmp_path: Path, local_config: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_local_end_to_end(
+    tmp_path: Path, local_config: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     outputs = tmp_path / "local_outputs"
+    tracking = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     record = run_local(tiny_params(tmp_path), outputs_dir=outputs)
     printed = capsys.readouterr().out
 
@@ -183,6 +198,20 @@ def test_run_local_end_to_end(tmp_path: Path, local_config: None, capsys: pytest
     assert record["validation"]["success"] is True
     for path in (str(store), str(report), str(outputs / LAST_RUN_FILE)):
         assert path in printed
+
+    # The study: every (system, fold) trained, pooled into the results table, logged to MLflow.
+    results = Path(record["study_results"])
+    pooled = pd.read_parquet(results / "predictions.parquet")
+    assert set(pooled["system"]) == set(TINY_SYSTEMS) and set(pooled["fold"]) == set(range(5))
+    assert len(pooled) == len(TINY_SYSTEMS) * TINY_UTTERANCES * 3  # every utterance tested once per system
+    assert "| **mtl_attention** * |" in printed and "egemaps_linear" in printed
+    assert Path(record["results_report_html"]).read_text().startswith("<!doctype html>")
+    client = mlflow.MlflowClient(tracking)
+    runs = client.search_runs(client.get_experiment_by_name("sermtl").experiment_id)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 1 + len(TINY_SYSTEMS) * 5
+    assert parents[0].data.tags["sermtl.data_version"].startswith("ingest:")
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs if r not in parents)
 
 
 @pytest.mark.slow

@@ -168,6 +168,15 @@ def dvc_data_version(corpus_uri: str, repo_root: str | Path = ".") -> str:
     return ""
 
 
+def study_data_version(given: str, corpus_uri: str = "", store_dir: str | Path | None = None) -> str:
+    """The corpus version for MLflow tags: as given, else the DVC hash, else the ingest fingerprint."""
+    version = given or (dvc_data_version(corpus_uri) if corpus_uri else "")
+    if not version and store_dir is not None:
+        fingerprint = _read_json(Path(store_dir) / "report.json").get("fingerprint")
+        version = f"ingest:{fingerprint}" if fingerprint else ""
+    return version
+
+
 def plan_step(params_yaml: str) -> list[dict[str, Any]]:
     """Every (system, fold) of the study: the items of the DAG's ParallelFor."""
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
