@@ -129,8 +129,99 @@ def validate(
     typer.echo("validation passed")
 
 
+@app.command()
+def train(
+    system: Annotated[str, typer.Option("--system", help="System name from the systems section.")],
+    fold: Annotated[int, typer.Option("--fold", help="Leave-one-session-out fold index (0-based).")],
+    store: Annotated[Path, typer.Option("--store", help="Folder written by `sermtl ingest`.")] = Path(
+        "artifacts/ingest"
+    ),
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (default: artifacts/train/<system>/fold<K>).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto | cpu | cuda (default: train.device).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Continue from a checkpoint; skip a finished run.")
+    ] = True,
+    params_path: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Train one system on one fold: predictions, metrics, history, attention and the model.
+
+    A finished run with the same parameters is skipped; a killed one resumes from its checkpoint.
+    """
+    params = _load(params_path)
+    from sermtl.training import TrainingError, train_fold
+
+    if system not in params.systems:
+        _fail(f"unknown system {system!r}; valid: {', '.join(sorted(params.systems))}")
+    folds = len(params.data.sessions)
+    if not 0 <= fold < folds:
+        _fail(f"fold {fold} is out of range; valid: 0..{folds - 1} (one per session)")
+    if device is not None and device not in ("auto", "cpu", "cuda"):
+        _fail(f"device {device!r} is not one of auto, cpu, cuda")
+    run_dir = out if out is not None else Path("artifacts/train") / system / f"fold{fold}"
+    try:
+        metrics = train_fold(
+            store, system, fold, run_dir, params, device=device, resume=resume, progress=sys.stderr.isatty()
+        )
+    except (TrainingError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    by_dimension = metrics["evaluation"]["all"]
+    uars = " ".join(f"{d}={by_dimension[d]['uar']:.3f}" for d in params.eval.dimensions if d in by_dimension)
+    typer.echo(
+        f"{system} fold {fold} (test session {metrics['test_session']}): test UAR {uars}; "
+        f"{metrics.get('train_seconds', 0.0):.1f} s training on {metrics.get('device', '?')} -> {run_dir}"
+    )
+
+
+@app.command()
+def results(
+    train_dir: Annotated[
+        Path, typer.Option("--train-dir", help="Folder of run folders <system>/fold<k>.")
+    ] = Path("artifacts/train"),
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the results table.")] = Path(
+        "artifacts/results"
+    ),
+    store: Annotated[
+        Path | None, typer.Option("--store", help="Ingest folder, for the attention plots in MLflow.")
+    ] = None,
+    track: Annotated[
+        bool, typer.Option(help="Log the study to MLflow ($MLFLOW_TRACKING_URI or ./mlruns).")
+    ] = True,
+    data_version: Annotated[
+        str,
+        typer.Option(
+            help="Corpus version tag for MLflow (default: data.dvc's hash, else the ingest fingerprint)."
+        ),
+    ] = "",
+    params_path: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Pool every (system, fold) run into the results table (JSON, Markdown, HTML).
+
+    The study is also logged to MLflow: a parent run with one child run per (system, fold).
+    """
+    from sermtl.pipeline_runner import study_data_version
+    from sermtl.results import RESULTS_MARKDOWN, collect_results
+
+    params = _load(params_path)
+    try:
+        table = collect_results(train_dir, out, params)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo((out / RESULTS_MARKDOWN).read_text())
+    if track:
+        from sermtl.tracking import track_study
+
+        version = study_data_version(data_version, params.data.corpus, store)
+        parent = track_study(train_dir, store, out, table, params, version)
+        typer.echo(f"MLflow study run: {parent}")
+
+
 def main() -> None:
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    for name, value in (("GX_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true")):
+        os.environ.setdefault(name, value)
     app()
 
 

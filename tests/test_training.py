@@ -1,0 +1,323 @@
+"""train_fold on a miniature corpus: outputs and their contract, no leakage, determinism, a real
+kill -9 followed by resumption (identical predictions), the CLI, and the predictor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from sermtl.cli import app
+from sermtl.ingest import ingest
+from sermtl.metrics import PREDICTION_COLUMNS, validate_predictions
+from sermtl.params import params_from_dict
+from sermtl.schema import (
+    ATTENTION_FILE,
+    CHECKPOINT_FILE,
+    HISTORY_FILE,
+    MANIFEST_FILE,
+    MODEL_DIR,
+    PREDICTIONS_FILE,
+    RUN_METRICS_FILE,
+)
+from sermtl.synth import synthesize
+from sermtl.training import TrainingError, load_predictor, train_fold
+
+DIMS = ["arousal", "valence", "dominance"]
+# A tiny network and short segments (0.8 s utterances span several 10-frame segments).
+TINY_PARAMS = {
+    "profile": "paper",
+    "features": {"frame_ms": 20, "hop_ms": 20, "max_frames": 10},
+    "model": {"conv_channels": 4, "conv_kernel": 8, "conv_pool": 4, "rnn_hidden": 8, "rnn_layers": 1},
+    "train": {
+        "learning_rate": 0.01,
+        "batch_size": 16,
+        "max_epochs": 3,
+        "early_stopping_patience": 3,
+        "device": "cpu",
+        "seed": 0,
+    },
+}
+
+
+def tiny_params(**train):
+    raw = json.loads(json.dumps(TINY_PARAMS))
+    raw["train"].update(train)
+    return params_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    synthesize(root / "IEMOCAP_full_release", utterances=60, mean_duration_s=0.8)
+    out = root / "store"
+    ingest(str(root / "IEMOCAP_full_release"), out, params_from_dict({}), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mtl_run(store, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("runs") / "mtl_attention"
+    metrics = train_fold(store, "mtl_attention", 1, out, tiny_params(), progress=False)
+    return out, metrics
+
+
+def test_outputs_and_their_contract(store, mtl_run):
+    out, metrics = mtl_run
+    manifest = pd.read_parquet(store / MANIFEST_FILE)
+    for name in (PREDICTIONS_FILE, RUN_METRICS_FILE, HISTORY_FILE, ATTENTION_FILE):
+        assert (out / name).is_file(), name
+    assert (out / MODEL_DIR / "config.json").is_file() and (out / MODEL_DIR / "mtl.pt").is_file()
+    assert not (out / CHECKPOINT_FILE).exists()
+
+    predictions = pd.read_parquet(out / PREDICTIONS_FILE)
+    assert list(predictions.columns) == list(PREDICTION_COLUMNS)
+    pd.testing.assert_frame_equal(predictions, validate_predictions(predictions, "predictions"))
+    test_session = metrics["test_session"]
+    test_ids = set(manifest.loc[manifest["session"] == test_session, "utterance_id"])
+    assert set(predictions["utterance_id"]) == test_ids
+    assert len(predictions) == 3 * len(test_ids)
+    assert not predictions.duplicated(["utterance_id", "dimension"]).any()
+    assert set(predictions["dimension"]) == set(DIMS)
+    assert (predictions["system"] == "mtl_attention").all() and (predictions["fold"] == 1).all()
+    assert (predictions["test_session"] == test_session).all()
+    np.testing.assert_allclose(
+        predictions[["prob_low", "prob_medium", "prob_high"]].sum(axis=1), 1.0, atol=1e-5
+    )
+    labels = manifest.set_index("utterance_id")
+    for _, row in predictions.head(9).iterrows():
+        assert row["label"] == labels.loc[row["utterance_id"], f"{row['dimension']}_class"]
+        assert row["improvised"] == labels.loc[row["utterance_id"], "improvised"]
+
+    # No speaker leakage: the validation speaker is from a training session, the test session unseen.
+    validation_speaker = metrics["validation_speaker"]
+    assert manifest.loc[manifest["speaker"] == validation_speaker, "session"].iloc[0] != test_session
+    assert metrics["utterances"]["test"] == len(test_ids)
+    assert sum(metrics["utterances"].values()) == len(manifest)
+
+    for key in (
+        "system",
+        "kind",
+        "fold",
+        "test_session",
+        "validation_speaker",
+        "evaluation",
+        "validation",
+        "best_epoch",
+        "epochs_run",
+        "train_seconds",
+        "audio_seconds_per_second",
+        "device",
+        "params",
+    ):
+        assert key in metrics, key
+    assert set(metrics["validation"]) == set(DIMS)
+    assert metrics["epochs_run"] == 3 and 1 <= metrics["best_epoch"] <= 3
+    assert metrics["device"] == "cpu" and metrics["audio_seconds_per_second"] > 0
+    assert set(metrics["evaluation"]["all"]) == set(DIMS)
+    assert json.loads((out / RUN_METRICS_FILE).read_text())["fingerprint"] == metrics["fingerprint"]
+
+    history = json.loads((out / HISTORY_FILE).read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    for record in history:
+        for key in ("train_loss", "val_loss", "val_uar_mean", "seconds", "audio_seconds_per_second"):
+            assert key in record
+        assert all(f"val_uar_{d}" in record for d in DIMS)
+
+    with np.load(out / ATTENTION_FILE) as attention:
+        keys = [k for k in attention.files if "__" in k]
+        assert len(keys) == 4 * 3
+        assert float(attention["frame_hop_s"]) == pytest.approx(0.02)
+        for key in keys:
+            assert key.split("__")[0] in test_ids and key.split("__")[1] in DIMS
+            assert attention[key].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_finished_run_is_skipped_and_no_resume_retrains(store, mtl_run, tmp_path):
+    out, metrics = mtl_run
+    stamp = (out / PREDICTIONS_FILE).stat().st_mtime_ns
+    again = train_fold(store, "mtl_attention", 1, out, tiny_params(), progress=False)
+    assert again == json.loads((out / RUN_METRICS_FILE).read_text())
+    assert (out / PREDICTIONS_FILE).stat().st_mtime_ns == stamp
+    # Other parameters: a new fingerprint, so the stale result is replaced.
+    changed = train_fold(store, "mtl_attention", 1, out, tiny_params(max_epochs=1), progress=False)
+    assert changed["fingerprint"] != metrics["fingerprint"] and changed["epochs_run"] == 1
+    # Determinism: back to the original parameters, retrained from scratch, the same predictions.
+    retrained = train_fold(store, "mtl_attention", 1, out, tiny_params(), resume=False, progress=False)
+    assert retrained["evaluation"] == metrics["evaluation"]
+
+
+def test_determinism_two_runs_same_predictions(store, mtl_run, tmp_path):
+    out, _ = mtl_run
+    train_fold(store, "mtl_attention", 1, tmp_path / "again", tiny_params(), progress=False)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out / PREDICTIONS_FILE), pd.read_parquet(tmp_path / "again" / PREDICTIONS_FILE)
+    )
+
+
+def test_single_task_mean_system(store, tmp_path):
+    out = tmp_path / "stl_mean"
+    metrics = train_fold(store, "stl_mean", 0, out, tiny_params(max_epochs=2), progress=False)
+    config = json.loads((out / MODEL_DIR / "config.json").read_text())
+    assert sorted(config["networks"]) == sorted(DIMS)
+    for dim in DIMS:
+        assert (out / MODEL_DIR / f"{dim}.pt").is_file()
+        assert config["networks"][dim]["config"]["tasks"] == [dim]
+    assert not (out / ATTENTION_FILE).exists()
+    predictions = pd.read_parquet(out / PREDICTIONS_FILE)
+    assert len(predictions) == 3 * metrics["utterances"]["test"]
+    history = json.loads((out / HISTORY_FILE).read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    for dim in DIMS:
+        assert {f"{dim}_train_loss", f"{dim}_val_loss", f"val_uar_{dim}", f"{dim}_seconds"} <= set(history[1])
+    assert "train_loss" not in history[0]
+    assert metrics["epochs_run"] == {d: 2 for d in DIMS}
+
+
+def test_predictor_matches_predictions(store, mtl_run):
+    out, _ = mtl_run
+    from sermtl.audio import AudioStore
+
+    predictor = load_predictor(out / MODEL_DIR)
+    predictions = pd.read_parquet(out / PREDICTIONS_FILE)
+    audio = AudioStore(store)
+    for utterance_id in predictions["utterance_id"].unique()[:3]:
+        result = predictor.predict(audio.waveform(utterance_id))
+        assert list(result) == DIMS
+        for dim in DIMS:
+            row = predictions[
+                (predictions["utterance_id"] == utterance_id) & (predictions["dimension"] == dim)
+            ]
+            assert result[dim]["class"] == int(row["prediction"].iloc[0])
+            np.testing.assert_allclose(
+                result[dim]["probabilities"],
+                row[["prob_low", "prob_medium", "prob_high"]].to_numpy()[0],
+                rtol=1e-4,
+                atol=1e-5,
+            )
+            assert result[dim]["attention"].sum() == pytest.approx(1.0, abs=1e-5)
+    with np.load(out / ATTENTION_FILE) as stored:
+        key = next(k for k in stored.files if "__" in k)
+        uid, dim = key.split("__")
+        np.testing.assert_allclose(
+            predictor.predict(audio.waveform(uid))[dim]["attention"], stored[key], rtol=1e-4, atol=1e-6
+        )
+
+
+def test_kill_and_resume_gives_identical_predictions(store, mtl_run, tmp_path):
+    """SIGKILL a real training process after its first checkpoint; the resumed run (through the CLI)
+    ends with exactly the predictions of the uninterrupted run."""
+    reference, _ = mtl_run
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(TINY_PARAMS))
+    out = tmp_path / "killed"
+    # Each checkpoint write is followed by a pause, so the kill lands between epochs 1 and 3.
+    script = textwrap.dedent(
+        f"""
+        import time
+        import sermtl.training as training
+        from sermtl.params import load_params
+        save = training._atomic_torch_save
+        def slow_save(payload, path):
+            save(payload, path)
+            time.sleep(30)
+        training._atomic_torch_save = slow_save
+        training.train_fold({str(store)!r}, "mtl_attention", 1, {str(out)!r},
+                            load_params({str(params_file)!r}), progress=False)
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 120
+        checkpoint = None
+        while time.monotonic() < deadline:
+            path = out / CHECKPOINT_FILE
+            if path.is_file():
+                checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+                if checkpoint["epoch"] >= 1:
+                    break
+            assert process.poll() is None, "training process ended before it could be killed"
+            time.sleep(0.2)
+        assert checkpoint is not None and checkpoint["epoch"] >= 1
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (out / RUN_METRICS_FILE).exists() and checkpoint["epoch"] < 3
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sermtl.cli",
+            "train",
+            "--system",
+            "mtl_attention",
+            "--fold",
+            "1",
+            "--store",
+            str(store),
+            "--out",
+            str(out),
+            "--params",
+            str(params_file),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test UAR" in result.stdout and "arousal=" in result.stdout
+    history = json.loads((out / HISTORY_FILE).read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(reference / PREDICTIONS_FILE), pd.read_parquet(out / PREDICTIONS_FILE)
+    )
+
+
+def test_cli_errors_name_the_valid_choices(tmp_path):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(TINY_PARAMS))
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--system", "nope", "--fold", "0", "--params", str(params_file)])
+    assert result.exit_code == 2
+    assert "unknown system 'nope'" in result.output and "mtl_attention" in result.output
+    result = runner.invoke(
+        app, ["train", "--system", "mtl_mean", "--fold", "5", "--params", str(params_file)]
+    )
+    assert result.exit_code == 2 and "0..4" in result.output
+    result = runner.invoke(
+        app,
+        ["train", "--system", "mtl_mean", "--fold", "0", "--store", str(tmp_path / "none"), "--params",
+         str(params_file)],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "ingest" in result.output
+    with pytest.raises(TrainingError, match="valid"):
+        train_fold(tmp_path, "bogus", 0, tmp_path / "out", tiny_params())
+
+
+def test_egemaps_systems_are_dispatched(monkeypatch, tmp_path):
+    calls = []
+    fake = types.ModuleType("sermtl.egemaps")
+    fake.train_fold = lambda *args: calls.append(args) or {"system": args[1]}
+    monkeypatch.setitem(sys.modules, "sermtl.egemaps", fake)
+    import sermtl
+
+    monkeypatch.setattr(sermtl, "egemaps", fake, raising=False)
+    params = tiny_params()
+    assert train_fold(tmp_path, "egemaps_linear", 2, tmp_path / "out", params) == {"system": "egemaps_linear"}
+    assert calls == [(tmp_path, "egemaps_linear", 2, tmp_path / "out", params)]
