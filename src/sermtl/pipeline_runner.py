@@ -235,8 +235,9 @@ def collect_step(
         if track:
             from sermtl.tracking import track_study
 
+            version = study_data_version(data_version, store_dir=store_dir)
             track_study(
-                train_dir, Path(store_dir), Path(results_dir), table, params, data_version, pipeline_run_id
+                train_dir, Path(store_dir), Path(results_dir), table, params, version, pipeline_run_id
             )
     for source, target in ((RESULTS_HTML, report_html), (RESULTS_MARKDOWN, table_markdown)):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
