@@ -42,6 +42,7 @@ from sermtl.audio import AudioStore
 from sermtl.folds import leave_one_session_out
 from sermtl.fsutil import atomic_directory, write_json
 from sermtl.metrics import PREDICTION_COLUMNS, PROBABILITY_COLUMNS, evaluate_predictions, uar
+from sermtl.parallel import worker_count
 from sermtl.params import Params
 from sermtl.schema import (
     AUDIO_FILE,
@@ -132,13 +133,7 @@ def feature_cache_path(store_dir: Path, cache_dir: Path | None = None, key: str 
 
 
 def _worker_count(utterances: int) -> int:
-    if utterances < PARALLEL_MIN_UTTERANCES:
-        return 1
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cpus))
+    return worker_count(utterances, PARALLEL_MIN_UTTERANCES, MAX_WORKERS)
 
 
 def _extract_rows(store: AudioStore, smile: Any, indices: list[int]) -> tuple[np.ndarray, list[str]]:

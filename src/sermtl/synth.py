@@ -25,7 +25,6 @@ import ctypes
 import math
 import multiprocessing
 import numbers
-import os
 import struct
 import sys
 import zlib
@@ -41,6 +40,7 @@ from tqdm import tqdm
 
 from sermtl.corpus import to_class
 from sermtl.fsutil import atomic_directory
+from sermtl.parallel import worker_count
 from sermtl.params import Thresholds
 
 SESSIONS: tuple[int, ...] = (1, 2, 3, 4, 5)
@@ -233,14 +233,7 @@ def synthesize(
 
 
 def _worker_count(utterances: int) -> int:
-    """Processes for rendering audio: one for small corpora (starting workers costs seconds)."""
-    if utterances < PARALLEL_MIN_UTTERANCES:
-        return 1
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cpus))
+    return worker_count(utterances, PARALLEL_MIN_UTTERANCES, MAX_WORKERS)
 
 
 def _render_dialog(
