@@ -15,7 +15,8 @@ the lower validation loss), and scores the held-out session, which training neve
   epoch reseeds torch and draws its crops and order from a generator seeded by (seed, fold, network,
   epoch). A checkpoint is written atomically after every epoch (model, optimizer, best state, best
   score, patience counter, history, RNG states), so a killed run resumed from it ends with exactly the
-  predictions of an uninterrupted run (on the same device and thread count).
+  predictions of an uninterrupted run (on CPU, with the same thread count; CUDA kernels such as
+  atomic-add reductions are not bitwise deterministic, so there a resumed run is equivalent, not identical).
 
 Run directory semantics (`out_dir`):
 - metrics.json is written last and marks a finished run. With `resume=True` a finished run whose
