@@ -15,7 +15,7 @@ def test_repository_params_load_with_every_section():
     params = load_params(ROOT / "params.yaml")
     assert params.data.thresholds.low_max == 2.0 and params.data.thresholds.high_min == 4.0
     assert params.data.sessions == [1, 2, 3, 4, 5]
-    assert params.profile == "demo" and params.features.frame_ms == 40
+    assert params.profile == "demo" and params.features.frame_ms == 20
     assert set(params.systems) == {"mtl_attention", "mtl_mean", "stl_attention", "stl_mean", "egemaps_linear"}
     assert params.eval.proposed_system in params.systems
     assert params.extra == {}
@@ -28,7 +28,7 @@ def test_paper_profile_keeps_sections_as_written_and_demo_overrides_them():
     assert (paper.features.hop_ms, paper.features.max_frames, paper.model.conv_channels) == (10, 500, 40)
     assert (paper.model.rnn_hidden, paper.train.learning_rate, paper.train.batch_size) == (128, 1e-4, 16)
     assert demo.features.hop_ms != paper.features.hop_ms and demo.model.rnn_hidden < paper.model.rnn_hidden
-    assert demo.features.frame_ms == paper.features.frame_ms  # untouched keys survive the merge
+    assert demo.model.rnn == paper.model.rnn and demo.train.seed == paper.train.seed  # untouched keys survive
     assert demo.model.loss_weights == paper.model.loss_weights
 
 

@@ -115,6 +115,53 @@ class EvalParams:
     subsets: list[str] = field(default_factory=lambda: ["all", "improvised"])
 
 
+@dataclass(frozen=True)
+class SignificanceParams:
+    # Systems the proposed system (eval.proposed_system) is compared with; empty means every other system.
+    baselines: list[str] = field(default_factory=list)
+    resampling: str = "bootstrap"  # bootstrap | permutation: the paired test on the UAR difference
+    resamples: int = 10000
+    confidence: float = 0.95  # of the bootstrap interval of the UAR difference
+    alpha: float = 0.05  # family-wise, after Holm's correction over every (baseline, dimension, test)
+    correction: str = "holm"  # holm | none
+    subset: str = "all"  # all | improvised: which utterances are compared
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GateParams:
+    # Which test's corrected p-values decide significance: resampling (bootstrap or permutation, as
+    # significance.resampling says) | mcnemar | ztest.
+    test: str = "resampling"
+    # Per baseline: dimensions on which the proposed system must be significantly better.
+    min_dimensions_better: int = 1
+    # Over all (baseline, dimension) comparisons: how many may be significantly worse.
+    max_comparisons_worse: int = 0
+
+
+@dataclass(frozen=True)
+class PromotionParams:
+    # not_worse: the challenger is promoted if it is significantly worse than the champion on no dimension
+    # and its mean UAR over dimensions is at least the champion's minus `tolerance`.
+    # better: it must also be significantly better on at least one dimension.
+    rule: str = "not_worse"
+    tolerance: float = 0.0
+    lock_timeout_s: float = 60.0  # how long a promotion waits for a concurrent one to finish
+
+
+@dataclass(frozen=True)
+class RegistryParams:
+    model_name: str = "sermtl-ser"
+    gate: GateParams = field(default_factory=GateParams)
+    promotion: PromotionParams = field(default_factory=PromotionParams)
+
+
+@dataclass(frozen=True)
+class ServingParams:
+    max_duration_s: float = 60.0  # longer inputs are refused (memory of one request)
+    return_attention: bool = False  # default for requests that do not say
+
+
 def _default_systems() -> dict[str, SystemParams]:
     return {
         "mtl_attention": SystemParams("neural", True, "attention"),
@@ -135,6 +182,9 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     systems: dict[str, SystemParams] = field(default_factory=_default_systems)
     eval: EvalParams = field(default_factory=EvalParams)
+    significance: SignificanceParams = field(default_factory=SignificanceParams)
+    registry: RegistryParams = field(default_factory=RegistryParams)
+    serving: ServingParams = field(default_factory=ServingParams)
     # Sections no stage has typed yet are kept verbatim.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -158,6 +208,11 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("TrainParams", "device"): ("auto", "cpu", "cuda"),
     ("SystemParams", "kind"): ("neural", "egemaps"),
     ("SystemParams", "pooling"): ("attention", "mean"),
+    ("SignificanceParams", "resampling"): ("bootstrap", "permutation"),
+    ("SignificanceParams", "correction"): ("holm", "none"),
+    ("SignificanceParams", "subset"): ("all", "improvised"),
+    ("GateParams", "test"): ("resampling", "mcnemar", "ztest"),
+    ("PromotionParams", "rule"): ("not_worse", "better"),
 }
 
 
