@@ -407,3 +407,34 @@ def test_artifacts_on_seaweedfs_s3(servers, monkeypatch, train_dir, store_dir, f
     downloaded = mlflow.artifacts.download_artifacts(run_id=child, artifact_path="predictions.parquet")
     original = (train_dir / "mtl_attention/fold0/predictions.parquet").read_bytes()
     assert Path(downloaded).read_bytes() == original
+
+
+def test_single_task_scalars_per_network_become_one_metric_each():
+    from sermtl.tracking import _final_metrics
+
+    frame = pd.DataFrame(
+        {
+            "utterance_id": ["Ses01F_impro01_F000"] * 3,
+            "system": "stl_mean",
+            "fold": 0,
+            "test_session": 1,
+            "dimension": list(DIMENSIONS),
+            "improvised": True,
+            "label": [0, 1, 2],
+            "prediction": [0, 1, 1],
+            "prob_low": 0.4,
+            "prob_medium": 0.3,
+            "prob_high": 0.3,
+        }
+    )
+    metrics = {
+        "system": "stl_mean",
+        "best_epoch": {"arousal": 1, "valence": 2, "dominance": 3},
+        "epochs_run": {d: 5 for d in DIMENSIONS},
+        "train_seconds": 3.0,
+        "params": {"train": {"learning_rate": 0.01}},
+    }
+    final = _final_metrics(metrics, frame)
+    assert final["best_epoch_arousal"] == 1 and final["best_epoch_dominance"] == 3
+    assert final["epochs_run_valence"] == 5 and final["train_seconds"] == 3.0
+    assert not any(key.startswith("params") for key in final)

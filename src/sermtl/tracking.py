@@ -396,10 +396,16 @@ def _final_metrics(
             final[f"validation_{dimension}_uar"] = number
     identity = {"fold", "test_session", "system", "kind", "validation_speaker"}
     for key, value in fold_metrics.items():
+        if key in identity or key in ("evaluation", "validation"):
+            continue
+        # Single-task systems keep some scalars per network: best_epoch {arousal: 3} -> best_epoch_arousal.
+        per_network = isinstance(value, Mapping) and all(_number(v) is not None for v in value.values())
+        leaves = _numeric_leaves({key: value}, set()) if per_network else {}
         number = _number(value)
-        if number is not None and key not in identity:
-            name = _safe_key(key)
-            final[f"final_{name}" if name in per_epoch else name] = number
+        if number is not None:
+            leaves = {_safe_key(key): number}
+        for name, leaf in leaves.items():
+            final[f"final_{name}" if name in per_epoch else name] = leaf
     return final
 
 

@@ -407,14 +407,18 @@ class _NetworkTrainer:
                 uar_mean = float(np.mean([uars[t] for t in self.spec.tasks]))
                 self.train_seconds += train_seconds
                 self.train_audio_seconds += audio_seconds
-                record: dict[str, Any] = {"network": self.spec.name, "epoch": self.epoch}
-                record["train_loss"] = train_loss
-                record["val_loss"] = val_loss
-                record.update({f"val_uar_{t}": uars[t] for t in self.spec.tasks})
-                record["val_uar_mean"] = uar_mean
-                record["seconds"] = time.perf_counter() - epoch_started
-                record["audio_seconds_per_second"] = audio_seconds / max(train_seconds, 1e-9)
-                self.history.append(record)
+                self.history.append(
+                    {
+                        "network": self.spec.name,
+                        "epoch": self.epoch,
+                        "train_loss": train_loss,
+                        "val_loss": val_loss,
+                        **{f"val_uar_{t}": uars[t] for t in self.spec.tasks},
+                        "val_uar_mean": uar_mean,
+                        "seconds": time.perf_counter() - epoch_started,
+                        "audio_seconds_per_second": audio_seconds / max(train_seconds, 1e-9),
+                    }
+                )
                 if _better((uar_mean, val_loss), self.best_score):
                     self.best_score = (uar_mean, val_loss)
                     self.best_state = _cpu_state(self.model)
