@@ -219,6 +219,30 @@ def results(
         typer.echo(f"MLflow study run: {parent}")
 
 
+@app.command()
+def significance(
+    train_dir: Annotated[
+        Path, typer.Option("--train-dir", help="Folder of run folders <system>/fold<k>.")
+    ] = Path("artifacts/train"),
+    out: Annotated[Path, typer.Option("--out", help="Output folder for significance.{json,md,html}.")] = Path(
+        "artifacts/significance"
+    ),
+    params_path: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Paired tests of the proposed system against each baseline (bootstrap/permutation, McNemar, z-test).
+
+    Settings come from the significance section of params.yaml; p-values are Holm-corrected per test.
+    """
+    from sermtl.significance import run_significance, to_markdown
+
+    params = _load(params_path)
+    try:
+        report = run_significance(train_dir, out, params)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(to_markdown(report))
+
+
 def main() -> None:
     for name, value in (("GX_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true")):
         os.environ.setdefault(name, value)

@@ -122,7 +122,7 @@ class SignificanceParams:
     resampling: str = "bootstrap"  # bootstrap | permutation: the paired test on the UAR difference
     resamples: int = 10000
     confidence: float = 0.95  # of the bootstrap interval of the UAR difference
-    alpha: float = 0.05  # family-wise, after Holm's correction over every (baseline, dimension, test)
+    alpha: float = 0.05  # family-wise: Holm runs per test over every (baseline, dimension) pair
     correction: str = "holm"  # holm | none
     subset: str = "all"  # all | improvised: which utterances are compared
     seed: int = 0

@@ -47,3 +47,8 @@ HISTORY_FILE = "history.json"  # per-epoch metrics (neural systems)
 ATTENTION_FILE = "attention.npz"  # attention weights of a few test utterances (attention systems)
 MODEL_DIR = "model"  # what is needed to rebuild the trained predictor
 CHECKPOINT_FILE = "checkpoint.pt"  # latest epoch, for resumption after a kill
+
+# Output of `sermtl significance` (see sermtl.significance): paired tests of the proposed system vs baselines.
+SIGNIFICANCE_JSON = "significance.json"  # SignificanceReport.to_dict(), read by the registration gate
+SIGNIFICANCE_MARKDOWN = "significance.md"
+SIGNIFICANCE_HTML = "significance.html"  # self-contained, with an inline PNG forest plot

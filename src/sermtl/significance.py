@@ -1,0 +1,702 @@
+"""Paired significance tests of the proposed system against each baseline, per dimension.
+
+The proposed system (eval.proposed_system) and a baseline are compared on the same utterances (pooled
+over the folds, paired by utterance_id within a dimension) with three tests, because the literature
+uses all three and they answer slightly different questions:
+
+- resampling: a paired bootstrap (or, with `significance.resampling: permutation`, a paired permutation
+  test) of the UAR difference; the bootstrap also gives a percentile confidence interval;
+- mcnemar: McNemar's exact test on per-utterance correctness (accuracy, not UAR);
+- ztest: the one-sided z-test on the difference of two UARs read as proportions over n utterances.
+
+Each test's p-values are corrected (Holm) over the family of all (baseline, dimension) comparisons of
+that test; `better`/`worse` flags at the family-wise `alpha` are what the registration gate reads,
+through `decisive`.
+
+Why the resampling is cheap: UAR of both systems on any multiset of utterances depends only on how many
+of them fall in each of 12 cells (true class x proposed right? x baseline right?). Drawing n utterances
+with replacement therefore gives cell counts that are exactly Multinomial(n, observed cell shares), and
+swapping the two systems' predictions on a random half of the utterances moves only discordant ones,
+so each class's swapped discordant counts are Binomial(count, 1/2). Both tests draw these counts for
+all resamples at once (in chunks), which is the same distribution as resampling utterance indices,
+at a cost independent of n.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from sermtl.fsutil import atomic_write_text, write_json
+from sermtl.metrics import NUM_CLASSES
+from sermtl.params import Params
+from sermtl.schema import SIGNIFICANCE_HTML, SIGNIFICANCE_JSON, SIGNIFICANCE_MARKDOWN
+
+# The tests whose corrected p-values can decide (GateParams.test takes one of these).
+TESTS: tuple[str, ...] = ("resampling", "mcnemar", "ztest")
+# Keys of Comparison.p / p_adjusted: the tests, and the z-test's opposite direction (H1: proposed < baseline).
+P_VALUE_KEYS: tuple[str, ...] = (*TESTS, "ztest_opposite")
+RESAMPLE_CHUNK = 65536  # resamples drawn at once: bounds memory to a few MB whatever `resamples` is
+_CELLS = NUM_CLASSES * 4  # (class, proposed correct, baseline correct), index class * 4 + 2 * p + b
+_TIE = 1e-12  # floating-point slack when comparing resampled statistics with the observed one
+_REQUIRED = ("utterance_id", "system", "dimension", "improvised", "label", "prediction")
+
+
+class Verdict(NamedTuple):
+    """Whether the proposed system is significantly better / worse than one baseline on one dimension."""
+
+    better: bool
+    worse: bool
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The proposed system against one baseline on one dimension: effect sizes, p-values and verdicts."""
+
+    baseline: str
+    dimension: str
+    n: int  # paired utterances
+    uar_proposed: float
+    uar_baseline: float
+    difference: float  # uar_proposed - uar_baseline, in UAR units (x100 for percentage points)
+    ci_low: float  # percentile bootstrap interval of `difference` at significance.confidence
+    ci_high: float
+    cohens_h: float  # 2 asin(sqrt(uar_proposed)) - 2 asin(sqrt(uar_baseline))
+    discordant_proposed: int  # utterances only the proposed system gets right (McNemar's b)
+    discordant_baseline: int  # utterances only the baseline gets right (McNemar's c)
+    odds_ratio: float  # b / c; (b + 0.5) / (c + 0.5) when b or c is 0
+    z: float  # statistic of the z-test
+    p: dict[str, float]  # raw p-values, keys P_VALUE_KEYS
+    p_adjusted: dict[str, float]  # after significance.correction over the (baseline, dimension) family
+    better: dict[str, bool]  # per test in TESTS, at the family-wise significance.alpha
+    worse: dict[str, bool]
+
+
+@dataclass(frozen=True)
+class SignificanceReport:
+    """Every comparison of one study, with what is needed to read it again (significance.json)."""
+
+    proposed: str
+    baselines: list[str]
+    dimensions: list[str]
+    subset: str  # all | improvised
+    n: dict[str, int]  # paired utterances per dimension
+    params: dict[str, Any]  # the significance section used, baselines resolved
+    comparisons: list[Comparison]
+
+    def comparison(self, baseline: str, dimension: str) -> Comparison:
+        for item in self.comparisons:
+            if item.baseline == baseline and item.dimension == dimension:
+                return item
+        raise KeyError(f"no comparison of {self.proposed!r} with {baseline!r} on {dimension!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SignificanceReport:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(fields - set(raw))
+        if missing:
+            raise ValueError(f"significance report lacks key(s) {', '.join(missing)}")
+        values = {name: raw[name] for name in fields}
+        values["comparisons"] = [Comparison(**item) for item in raw["comparisons"]]
+        return cls(**values)
+
+
+# --- statistics on cell counts ------------------------------------------------------------------------
+
+
+def cell_counts(labels: np.ndarray, proposed_correct: np.ndarray, baseline_correct: np.ndarray) -> np.ndarray:
+    """The 12 counts every paired UAR statistic depends on: (class, proposed right?, baseline right?)."""
+    index = (
+        np.asarray(labels, dtype=np.int64) * 4
+        + np.asarray(proposed_correct, dtype=np.int64) * 2
+        + np.asarray(baseline_correct, dtype=np.int64)
+    )
+    return np.bincount(index, minlength=_CELLS)
+
+
+def paired_uars(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """UAR of both systems for each row of cell counts (shape (..., 12)), over the classes present.
+
+    Same definition as sermtl.metrics.uar: mean over classes of correct / label count.
+    """
+    cells = np.asarray(counts).reshape(*np.shape(counts)[:-1], NUM_CLASSES, 2, 2)
+    support = cells.sum(axis=(-2, -1))
+    present = support > 0
+    safe = np.where(present, support, 1)
+    classes = present.sum(axis=-1)
+    recall_proposed = np.where(present, cells[..., 1, :].sum(axis=-1) / safe, 0.0)
+    recall_baseline = np.where(present, cells[..., :, 1].sum(axis=-1) / safe, 0.0)
+    return recall_proposed.sum(axis=-1) / classes, recall_baseline.sum(axis=-1) / classes
+
+
+def bootstrap_differences(
+    counts: np.ndarray, resamples: int, rng: np.random.Generator, chunk: int = RESAMPLE_CHUNK
+) -> np.ndarray:
+    """UAR differences (proposed - baseline) over `resamples` paired bootstrap resamples of utterances.
+
+    A resample of n utterances with replacement has Multinomial(n, cell shares) cell counts, so the
+    counts are drawn directly: the same distribution as resampling indices, at O(12) per resample.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    n = int(counts.sum())
+    shares = counts / n
+    out = np.empty(resamples, dtype=np.float64)
+    for start in range(0, resamples, chunk):
+        size = min(chunk, resamples - start)
+        proposed, baseline = paired_uars(rng.multinomial(n, shares, size=size))
+        out[start : start + size] = proposed - baseline
+    return out
+
+
+def permutation_differences(
+    counts: np.ndarray, resamples: int, rng: np.random.Generator, chunk: int = RESAMPLE_CHUNK
+) -> np.ndarray:
+    """UAR differences under random swaps of the two systems' predictions per utterance (H0: exchangeable).
+
+    Swapping a concordant utterance changes nothing; swapping one that only the proposed system got right
+    moves one correct answer of its class to the baseline, and vice versa. With Sb, Sc ~ Binomial(b_k, 1/2),
+    Binomial(c_k, 1/2) swapped discordant utterances of class k, the correct-count difference of class k
+    becomes (b_k - c_k) - 2 Sb + 2 Sc.
+    """
+    cells = np.asarray(counts, dtype=np.int64).reshape(NUM_CLASSES, 2, 2)
+    support = cells.sum(axis=(1, 2))
+    present = support > 0
+    safe = np.where(present, support, 1)
+    only_proposed, only_baseline = cells[:, 1, 0], cells[:, 0, 1]
+    out = np.empty(resamples, dtype=np.float64)
+    for start in range(0, resamples, chunk):
+        size = min(chunk, resamples - start)
+        swapped_b = rng.binomial(only_proposed, 0.5, size=(size, NUM_CLASSES))
+        swapped_c = rng.binomial(only_baseline, 0.5, size=(size, NUM_CLASSES))
+        difference = (only_proposed - only_baseline) - 2 * swapped_b + 2 * swapped_c
+        out[start : start + size] = np.where(present, difference / safe, 0.0).sum(axis=1) / present.sum()
+    return out
+
+
+def bootstrap_p_value(differences: np.ndarray, observed: float) -> float:
+    """Two-sided p of H0 "no difference" by the shifted null: the bootstrap distribution centred on 0.
+
+    p = (1 + #{|d* - d| >= |d|}) / (B + 1): the share of resampled differences at least as far from the
+    observed one as the observed one is from 0 (Efron & Tibshirani 16.4; Koehn 2004 for MT).
+    """
+    extreme = np.count_nonzero(np.abs(differences - observed) >= abs(observed) - _TIE)
+    return float((1 + extreme) / (differences.size + 1))
+
+
+def permutation_p_value(differences: np.ndarray, observed: float) -> float:
+    """Two-sided Monte Carlo permutation p: (1 + #{|d*| >= |d|}) / (B + 1), never 0 (Phipson & Smyth)."""
+    extreme = np.count_nonzero(np.abs(differences) >= abs(observed) - _TIE)
+    return float((1 + extreme) / (differences.size + 1))
+
+
+def mcnemar_exact(only_proposed: Any, only_baseline: Any) -> np.ndarray:
+    """Exact two-sided McNemar p: min(1, 2 P(X <= min(b, c))), X ~ Binomial(b + c, 1/2); 1 if b + c = 0."""
+    b, c = np.asarray(only_proposed), np.asarray(only_baseline)
+    p = 2 * stats.binom.cdf(np.minimum(b, c), b + c, 0.5)
+    return np.where(b + c > 0, np.minimum(p, 1.0), 1.0)
+
+
+def uar_ztest(uar_proposed: Any, uar_baseline: Any, n: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """z, p(H1: proposed > baseline), p(H1: proposed < baseline) of the customary two-proportion z-test.
+
+    Both UARs are read as proportions over the same n utterances: pooled p = (U1 + U2) / 2,
+    SE = sqrt(p (1 - p) 2 / n), z = (U1 - U2) / SE, p_greater = 1 - Phi(z), p_less = Phi(z). It ignores
+    the pairing and that UAR is not a plain proportion; it is kept because papers report it. z = 0 when
+    SE = 0 (both UARs 0 or both 1).
+    """
+    u1, u2 = np.asarray(uar_proposed, dtype=np.float64), np.asarray(uar_baseline, dtype=np.float64)
+    pooled = (u1 + u2) / 2
+    se = np.sqrt(pooled * (1 - pooled) * 2 / np.asarray(n, dtype=np.float64))
+    z = np.divide(u1 - u2, se, out=np.zeros_like(se), where=se > 0)
+    return z, stats.norm.sf(z), stats.norm.sf(-z)
+
+
+def cohens_h(uar_proposed: Any, uar_baseline: Any) -> np.ndarray:
+    """Cohen's h between two proportions: 2 asin(sqrt(p1)) - 2 asin(sqrt(p2))."""
+    return 2 * np.arcsin(np.sqrt(uar_proposed)) - 2 * np.arcsin(np.sqrt(uar_baseline))
+
+
+def odds_ratio(only_proposed: Any, only_baseline: Any) -> np.ndarray:
+    """McNemar's odds ratio b / c, with 0.5 added to both cells when either is 0 (finite, JSON-safe)."""
+    b, c = np.asarray(only_proposed, dtype=np.float64), np.asarray(only_baseline, dtype=np.float64)
+    zero = (b == 0) | (c == 0)
+    return np.where(zero, b + 0.5, b) / np.where(zero, c + 0.5, c)
+
+
+def holm(p_values: Any) -> np.ndarray:
+    """Holm's step-down adjusted p-values (same order as given): max_{j<=i} min(1, (m - j + 1) p_(j))."""
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.size == 0:
+        return p.copy()
+    if not np.all(np.isfinite(p)):
+        raise ValueError("holm: p-values must be finite")
+    order = np.argsort(p, kind="stable")
+    m = p.size
+    adjusted_sorted = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
+    adjusted = np.empty_like(p)
+    adjusted[order] = adjusted_sorted
+    return adjusted
+
+
+def adjust(p_values: Any, correction: str) -> np.ndarray:
+    """Apply significance.correction (holm | none) to one test's family of p-values."""
+    if correction == "holm":
+        return holm(p_values)
+    if correction == "none":
+        return np.asarray(p_values, dtype=np.float64).copy()
+    raise ValueError(f"significance.correction: {correction!r} is not one of holm, none")
+
+
+# --- pairing the predictions ---------------------------------------------------------------------------
+
+
+def _examples(ids: Any, k: int = 3) -> str:
+    ids = [str(i) for i in ids]
+    return ", ".join(ids[:k]) + (f" ... ({len(ids)} in all)" if len(ids) > k else "")
+
+
+def _check_params(params: Params) -> None:
+    s = params.significance
+    if s.resamples < 1:
+        raise ValueError(f"significance.resamples must be at least 1, got {s.resamples}")
+    if not 0 < s.confidence < 1:
+        raise ValueError(f"significance.confidence must be in (0, 1), got {s.confidence}")
+    if not 0 < s.alpha < 1:
+        raise ValueError(f"significance.alpha must be in (0, 1), got {s.alpha}")
+    for name, value, allowed in (
+        ("resampling", s.resampling, ("bootstrap", "permutation")),
+        ("correction", s.correction, ("holm", "none")),
+        ("subset", s.subset, ("all", "improvised")),
+    ):
+        if value not in allowed:
+            raise ValueError(f"significance.{name}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _resolve_baselines(predictions: pd.DataFrame, params: Params) -> tuple[str, list[str]]:
+    proposed = params.eval.proposed_system
+    systems = [str(s) for s in pd.unique(predictions["system"])]
+    if proposed not in systems:
+        raise ValueError(
+            f"significance: proposed system {proposed!r} has no predictions; systems present: "
+            f"{', '.join(systems) or 'none'}"
+        )
+    baselines = list(params.significance.baselines) or [s for s in systems if s != proposed]
+    for baseline in baselines:
+        if baseline == proposed:
+            raise ValueError(f"significance: baseline {baseline!r} is the proposed system itself")
+        if baseline not in systems:
+            raise ValueError(
+                f"significance: unknown baseline system {baseline!r}; systems in the predictions: "
+                f"{', '.join(systems)}"
+            )
+    if not baselines:
+        raise ValueError(f"significance: no baseline to compare {proposed!r} with")
+    if len(set(baselines)) != len(baselines):
+        raise ValueError(f"significance: baselines listed twice: {', '.join(baselines)}")
+    return proposed, baselines
+
+
+def _one_system(groups: dict[tuple[str, str], pd.DataFrame], system: str, dimension: str) -> pd.DataFrame:
+    frame = groups.get((dimension, system))
+    if frame is None or frame.empty:
+        return pd.DataFrame({"utterance_id": [], "label": [], "prediction": []})
+    duplicated = frame["utterance_id"][frame["utterance_id"].duplicated()]
+    if len(duplicated):
+        raise ValueError(
+            f"significance: system {system!r} has {len(duplicated)} duplicate prediction(s) for dimension "
+            f"{dimension!r}, e.g. utterance(s) {_examples(duplicated.unique())}"
+        )
+    return frame
+
+
+def _paired_counts(
+    predictions: pd.DataFrame, params: Params, proposed: str, baselines: list[str]
+) -> tuple[dict[str, int], dict[tuple[str, str], np.ndarray]]:
+    """Cell counts per (baseline, dimension), after checking that the two systems pair up exactly."""
+    missing = [c for c in _REQUIRED if c not in predictions.columns]
+    if missing:
+        raise ValueError(f"significance: prediction table lacks column(s) {', '.join(missing)}")
+    frame = predictions[list(_REQUIRED)]
+    for column in ("label", "prediction"):
+        values = frame[column].to_numpy()
+        bad = (values < 0) | (values >= NUM_CLASSES)
+        if bad.any():
+            raise ValueError(
+                f"significance: column {column} has values outside 0..{NUM_CLASSES - 1}, e.g. utterance "
+                f"{frame['utterance_id'].to_numpy()[bad][0]}"
+            )
+    subset = params.significance.subset
+    if subset == "improvised":
+        frame = frame[frame["improvised"].astype(bool)]
+    frame = frame.astype({"utterance_id": "string", "system": "string", "dimension": "string"})
+    groups = {
+        (str(d), str(s)): g for (d, s), g in frame.groupby(["dimension", "system"], sort=False, observed=True)
+    }
+    sizes: dict[str, int] = {}
+    counts: dict[tuple[str, str], np.ndarray] = {}
+    for dimension in params.eval.dimensions:
+        reference = _one_system(groups, proposed, dimension)
+        if reference.empty:
+            raise ValueError(
+                f"significance: no {subset} predictions of {proposed!r} for dimension {dimension!r}"
+            )
+        ids = pd.Index(reference["utterance_id"].to_numpy())
+        labels = reference["label"].to_numpy(dtype=np.int64)
+        proposed_correct = reference["prediction"].to_numpy(dtype=np.int64) == labels
+        sizes[dimension] = len(ids)
+        for baseline in baselines:
+            other = _one_system(groups, baseline, dimension)
+            other_ids = pd.Index(other["utterance_id"].to_numpy())
+            position = other_ids.get_indexer(ids)
+            if (position < 0).any():
+                raise ValueError(
+                    f"significance: baseline {baseline!r} lacks {int((position < 0).sum())} {subset} "
+                    f"utterance(s) of {proposed!r} for dimension {dimension!r}, e.g. "
+                    f"{_examples(ids[position < 0])}"
+                )
+            extra = ids.get_indexer(other_ids) < 0
+            if extra.any():
+                raise ValueError(
+                    f"significance: baseline {baseline!r} has {int(extra.sum())} {subset} utterance(s) for "
+                    f"dimension {dimension!r} that {proposed!r} lacks, e.g. {_examples(other_ids[extra])}"
+                )
+            other_labels = other["label"].to_numpy(dtype=np.int64)[position]
+            differ = other_labels != labels
+            if differ.any():
+                raise ValueError(
+                    f"significance: labels differ between {proposed!r} and baseline {baseline!r} for "
+                    f"dimension {dimension!r} on {int(differ.sum())} utterance(s), e.g. "
+                    f"{_examples(ids[differ])}"
+                )
+            baseline_correct = other["prediction"].to_numpy(dtype=np.int64)[position] == labels
+            counts[(baseline, dimension)] = cell_counts(labels, proposed_correct, baseline_correct)
+    return sizes, counts
+
+
+def _rng(seed: int, baseline: str, dimension: str) -> np.random.Generator:
+    """One stream per comparison, named not numbered: adding a baseline leaves the others' draws alone."""
+    return np.random.default_rng([seed, zlib.crc32(f"{baseline}\0{dimension}".encode())])
+
+
+# --- the tests -----------------------------------------------------------------------------------------
+
+
+def significance_tests(predictions: pd.DataFrame, params: Params) -> SignificanceReport:
+    """Compare eval.proposed_system with each baseline on each of eval.dimensions (see module docstring).
+
+    `predictions` follows sermtl.metrics.PREDICTION_COLUMNS (the pooled table of results.load_runs).
+    An utterance that one system lacks, or whose label differs between the two, is an error naming the
+    system, the dimension and example utterances.
+    """
+    _check_params(params)
+    settings = params.significance
+    proposed, baselines = _resolve_baselines(predictions, params)
+    sizes, counts = _paired_counts(predictions, params, proposed, baselines)
+    keys = [(b, d) for b in baselines for d in params.eval.dimensions]
+    family = len(keys) if settings.correction == "holm" else 1
+    if family / (settings.resamples + 1) >= settings.alpha:  # the smallest corrected resampling p
+        needed = int(np.ceil(family / settings.alpha))
+        raise ValueError(
+            f"significance.resamples: {settings.resamples} resamples can never reach alpha "
+            f"{settings.alpha} over {family} comparisons; use at least {needed}"
+        )
+    table = np.stack([counts[key] for key in keys])  # (comparisons, 12)
+    uar_p, uar_b = paired_uars(table)
+    difference = uar_p - uar_b
+    cells = table.reshape(len(keys), NUM_CLASSES, 2, 2)
+    only_p, only_b = cells[:, :, 1, 0].sum(axis=1), cells[:, :, 0, 1].sum(axis=1)
+    n = np.array([sizes[d] for _, d in keys])
+    z, p_greater, p_less = uar_ztest(uar_p, uar_b, n)
+
+    tail = (1 - settings.confidence) / 2
+    intervals, p_resampling = [], []
+    for i, (baseline, dimension) in enumerate(keys):
+        rng = _rng(settings.seed, baseline, dimension)
+        boot = bootstrap_differences(table[i], settings.resamples, rng)
+        intervals.append(np.quantile(boot, [tail, 1 - tail]))
+        if settings.resampling == "bootstrap":
+            p_resampling.append(bootstrap_p_value(boot, difference[i]))
+        else:
+            perm = permutation_differences(table[i], settings.resamples, rng)
+            p_resampling.append(permutation_p_value(perm, difference[i]))
+
+    raw = {
+        "resampling": np.array(p_resampling),
+        "mcnemar": mcnemar_exact(only_p, only_b),
+        "ztest": p_greater,
+        "ztest_opposite": p_less,
+    }
+    adjusted = {key: adjust(values, settings.correction) for key, values in raw.items()}
+    significant = {key: values < settings.alpha for key, values in adjusted.items()}
+    better = {
+        "resampling": significant["resampling"] & (difference > 0),
+        "mcnemar": significant["mcnemar"] & (difference > 0),
+        "ztest": significant["ztest"],
+    }
+    worse = {
+        "resampling": significant["resampling"] & (difference < 0),
+        "mcnemar": significant["mcnemar"] & (difference < 0),
+        "ztest": significant["ztest_opposite"],
+    }
+    h, ratio = cohens_h(uar_p, uar_b), odds_ratio(only_p, only_b)
+    comparisons = [
+        Comparison(
+            baseline=baseline,
+            dimension=dimension,
+            n=int(n[i]),
+            uar_proposed=float(uar_p[i]),
+            uar_baseline=float(uar_b[i]),
+            difference=float(difference[i]),
+            ci_low=float(intervals[i][0]),
+            ci_high=float(intervals[i][1]),
+            cohens_h=float(h[i]),
+            discordant_proposed=int(only_p[i]),
+            discordant_baseline=int(only_b[i]),
+            odds_ratio=float(ratio[i]),
+            z=float(z[i]),
+            p={key: float(raw[key][i]) for key in P_VALUE_KEYS},
+            p_adjusted={key: float(adjusted[key][i]) for key in P_VALUE_KEYS},
+            better={test: bool(better[test][i]) for test in TESTS},
+            worse={test: bool(worse[test][i]) for test in TESTS},
+        )
+        for i, (baseline, dimension) in enumerate(keys)
+    ]
+    return SignificanceReport(
+        proposed=proposed,
+        baselines=baselines,
+        dimensions=list(params.eval.dimensions),
+        subset=settings.subset,
+        n=sizes,
+        params={**dataclasses.asdict(settings), "baselines": baselines},
+        comparisons=comparisons,
+    )
+
+
+def decisive(report: SignificanceReport, test: str) -> dict[tuple[str, str], Verdict]:
+    """Better/worse per (baseline, dimension) by one test's corrected p-values: what a gate decides on.
+
+    `test` is a GateParams.test value: resampling (bootstrap or permutation, whichever the report ran),
+    mcnemar or ztest. Two-sided tests count as better/worse when significant, by the sign of the UAR
+    difference; the one-sided z-test is better when H1 proposed > baseline holds, worse when the opposite
+    one-sided test (separately Holm-corrected) does.
+    """
+    if test not in TESTS:
+        raise ValueError(f"unknown test {test!r}; valid: {', '.join(TESTS)}")
+    return {(c.baseline, c.dimension): Verdict(c.better[test], c.worse[test]) for c in report.comparisons}
+
+
+# --- reports -------------------------------------------------------------------------------------------
+
+_TEST_TITLES = {"resampling": "resampling", "mcnemar": "McNemar", "ztest": "z-test"}
+
+
+def _format_p(p: float) -> str:
+    return f"{p:.1e}" if p < 0.001 else f"{p:.3f}"
+
+
+def _marker(comparison: Comparison, test: str, alpha: float) -> str:
+    """`*`/`**` better at alpha / alpha/10, `-`/`--` worse at alpha / alpha/10 (adjusted p)."""
+    if comparison.better[test]:
+        return "**" if comparison.p_adjusted[test] < alpha / 10 else "*"
+    if comparison.worse[test]:
+        key = "ztest_opposite" if test == "ztest" else test
+        return "--" if comparison.p_adjusted[key] < alpha / 10 else "-"
+    return ""
+
+
+def _rows(report: SignificanceReport) -> tuple[list[str], list[list[str]]]:
+    alpha = report.params["alpha"]
+    header = [
+        "baseline",
+        "dimension",
+        "n",
+        f"UAR {report.proposed}",
+        "UAR baseline",
+        f"diff (pp) [{report.params['confidence']:.0%} CI]",
+        *[f"p {_TEST_TITLES[t]} (adj)" for t in TESTS],
+        "Cohen's h",
+        "OR (b/c)",
+    ]
+    rows = []
+    for c in report.comparisons:
+        tests = []
+        for test in TESTS:
+            marker = _marker(c, test, alpha)
+            cell = f"{_format_p(c.p[test])} ({_format_p(c.p_adjusted[test])})"
+            tests.append(f"{cell} {marker}" if marker else cell)
+        rows.append(
+            [
+                c.baseline,
+                c.dimension,
+                str(c.n),
+                f"{c.uar_proposed:.3f}",
+                f"{c.uar_baseline:.3f}",
+                f"{100 * c.difference:+.1f} [{100 * c.ci_low:+.1f}, {100 * c.ci_high:+.1f}]",
+                *tests,
+                f"{c.cohens_h:+.3f}",
+                f"{c.odds_ratio:.2f} ({c.discordant_proposed}/{c.discordant_baseline})",
+            ]
+        )
+    return header, rows
+
+
+def _legend(report: SignificanceReport) -> list[str]:
+    s = report.params
+    family = len(report.comparisons)
+    correction = (
+        f"Holm-adjusted over the {family} (baseline, dimension) comparisons of each test"
+        if s["correction"] == "holm"
+        else "not adjusted"
+    )
+    if s["resampling"] == "bootstrap":
+        resampling = (
+            f"paired bootstrap of the UAR difference, B = {s['resamples']}, two-sided p by the shifted null "
+            "(1 + #|d* - d| >= |d|) / (B + 1)"
+        )
+    else:
+        resampling = (
+            f"paired permutation test (random swaps of the two systems' predictions per utterance), "
+            f"B = {s['resamples']}, two-sided p = (1 + #|d*| >= |d|) / (B + 1)"
+        )
+    alpha = s["alpha"]
+    return [
+        f"`*` {report.proposed} significantly better at family-wise alpha = {alpha:g} "
+        f"(adjusted p < alpha), `**` also at alpha/10 = {alpha / 10:g}; `-` significantly worse at alpha, "
+        "`--` at alpha/10. p-values: raw (adjusted), " + correction + ".",
+        f"resampling: {resampling}. CI: percentile bootstrap interval of the UAR difference "
+        "(percentage points).",
+        "McNemar: exact two-sided binomial test on the discordant utterances (correctness, not UAR); "
+        "better/worse take the sign of the UAR difference. OR = b/c with b (c) the utterances only the "
+        "proposed system (the baseline) gets right; 0.5 is added to both when one is 0.",
+        "z-test: one-sided, H1 proposed > baseline, UARs as proportions over n: z = (U1 - U2) / "
+        "sqrt(q(1 - q) 2/n) with pooled q = (U1 + U2)/2; `-` when the opposite one-sided test is "
+        "significant.",
+    ]
+
+
+def to_markdown(report: SignificanceReport) -> str:
+    """One table (baseline x dimension) and its legend, for the terminal, KFP and READMEs."""
+    header, rows = _rows(report)
+    sizes = ", ".join(f"{d} {n}" for d, n in report.n.items())
+    lines = [
+        f"Paired significance tests: {report.proposed} vs baselines "
+        f"({report.subset} utterances; n = {sizes})",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+        *(f"- {line}" for line in _legend(report)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _forest_png(report: SignificanceReport) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comparisons = report.comparisons
+    rows = np.arange(len(comparisons))[::-1]
+    difference = np.array([100 * c.difference for c in comparisons])
+    low = difference - np.array([100 * c.ci_low for c in comparisons])
+    high = np.array([100 * c.ci_high for c in comparisons]) - difference
+    colours = [
+        "tab:green" if c.better["resampling"] else "tab:red" if c.worse["resampling"] else "tab:grey"
+        for c in comparisons
+    ]
+    figure, axis = plt.subplots(figsize=(7, 0.35 * len(comparisons) + 1.2))
+    axis.errorbar(difference, rows, xerr=[low, high], fmt="none", ecolor="black", elinewidth=1, capsize=3)
+    axis.scatter(difference, rows, c=colours, zorder=3)
+    axis.axvline(0, color="grey", linestyle="--", linewidth=1)
+    axis.set_yticks(rows, [f"{c.baseline} / {c.dimension}" for c in comparisons], fontsize=8)
+    axis.set_xlabel(
+        f"UAR {report.proposed} - baseline "
+        f"(percentage points; {report.params['confidence']:.0%} bootstrap CI)"
+    )
+    axis.set_title("green: better, red: worse (resampling test, adjusted)", fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def to_html(report: SignificanceReport) -> str:
+    """A self-contained page (no external resources): the table, its legend and a forest plot."""
+    header, rows = _rows(report)
+    chart = base64.b64encode(_forest_png(report)).decode()
+    table = (
+        "<table><thead><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        + "</tr></thead><tbody>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in rows)
+        + "</tbody></table>"
+    )
+    legend = "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in _legend(report)) + "</ul>"
+    sizes = ", ".join(f"{d} {n}" for d, n in report.n.items())
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>sermtl significance</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
+        f"<h1>Paired significance tests: {html.escape(report.proposed)} vs baselines</h1>"
+        f"<p>{html.escape(report.subset)} utterances; n = {html.escape(sizes)}</p>"
+        f"<img alt='UAR differences with confidence intervals' src='data:image/png;base64,{chart}'>"
+        + table
+        + legend
+        + "</body></html>\n"
+    )
+
+
+def write_report(report: SignificanceReport, out_dir: Path) -> dict[str, Path]:
+    """Write significance.{json,md,html} into out_dir, each atomically; other files there are left alone.
+
+    The JSON is written last, so a reader that finds it also finds the Markdown and HTML of that run.
+    """
+    out_dir = Path(out_dir)
+    paths = {
+        "markdown": out_dir / SIGNIFICANCE_MARKDOWN,
+        "html": out_dir / SIGNIFICANCE_HTML,
+        "json": out_dir / SIGNIFICANCE_JSON,
+    }
+    atomic_write_text(paths["markdown"], to_markdown(report))
+    atomic_write_text(paths["html"], to_html(report))
+    write_json(paths["json"], report.to_dict())
+    return paths
+
+
+def read_report(path: Path) -> SignificanceReport:
+    """Load a significance.json written by write_report (a file or the folder holding it)."""
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / SIGNIFICANCE_JSON
+    return SignificanceReport.from_dict(json.loads(path.read_text()))
+
+
+def run_significance(train_dir: Path, out_dir: Path, params: Params) -> SignificanceReport:
+    """Load the finished study in train_dir (results.load_runs), test it and write the report."""
+    from sermtl.results import load_runs
+
+    train_dir = Path(train_dir)
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"{train_dir}: training folder not found (run `sermtl train` for every run)")
+    predictions, _ = load_runs(train_dir, params)
+    report = significance_tests(predictions, params)
+    write_report(report, out_dir)
+    return report
