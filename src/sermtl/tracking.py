@@ -46,6 +46,8 @@ from sermtl.schema import (
     PREDICTIONS_FILE,
     RUN_METRICS_FILE,
 )
+from sermtl.serving import AudioPyfunc, serving_signature
+from sermtl.serving import output_columns as output_columns  # re-exported: the pyfunc output columns
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
@@ -659,74 +661,28 @@ def plot_attention(npz_path: Path, store_dir: Path, out_dir: Path, title: str = 
 # --- the model ----------------------------------------------------------------------------------------
 
 
-def _waveforms(model_input: Any) -> list[np.ndarray]:
-    """One waveform (1-D), a batch (list, 2-D array, object array, Series) or a DataFrame of them."""
-    if isinstance(model_input, pd.DataFrame):
-        column = "waveform" if "waveform" in model_input.columns else model_input.columns[0]
-        if len(model_input.columns) > 1 and column != "waveform":
-            return [np.asarray(row, dtype=np.float32) for row in model_input.to_numpy()]
-        return [np.asarray(cell, dtype=np.float32).reshape(-1) for cell in model_input[column]]
-    if isinstance(model_input, pd.Series):
-        return [np.asarray(cell, dtype=np.float32).reshape(-1) for cell in model_input]
-    if isinstance(model_input, dict):
-        return _waveforms(model_input.get("waveform", next(iter(model_input.values()))))
-    if isinstance(model_input, list | tuple):
-        if model_input and all(_number(v) is not None for v in model_input[:8]):
-            return [np.asarray(model_input, dtype=np.float32)]
-        return [np.asarray(item, dtype=np.float32).reshape(-1) for item in model_input]
-    array = np.asarray(model_input)
-    if array.dtype == object:
-        return [np.asarray(item, dtype=np.float32).reshape(-1) for item in array.reshape(-1)]
-    if array.ndim <= 1:
-        return [array.astype(np.float32).reshape(-1)]
-    return [row.astype(np.float32) for row in array.reshape(array.shape[0], -1)]
-
-
-def output_columns(dimensions: list[str] | tuple[str, ...] = DIMENSIONS) -> list[str]:
-    """`<dimension>_class` then `<dimension>_prob_<class>` per dimension: the pyfunc's output columns."""
-    columns = []
-    for dimension in dimensions:
-        columns.append(f"{dimension}_class")
-        columns += [f"{dimension}_{column}" for column in PROBABILITY_COLUMNS]
-    return columns
-
-
-class SerModelPyfunc(mlflow.pyfunc.PythonModel):
+class SerModelPyfunc(AudioPyfunc):
     """A trained fold as an MLflow pyfunc: waveform(s) at the store's sample rate -> class and probabilities.
 
     The predictor is rebuilt by `sermtl.training.load_predictor` from the run's model/ folder (shipped as
     the pyfunc artifact `model_dir`), so loading needs the sermtl package (the project image has it).
+    Requests are parsed and checked by sermtl.serving (the same path as the registered ensemble, which
+    is this with K members); the predict-time param `return_attention` adds the attention columns. The
+    length limit is ServingParams' default (the fold model is not given params.yaml).
     """
 
     def load_context(self, context: Any) -> None:
         from sermtl.training import load_predictor  # lazy: torch is only needed when the model is loaded
 
-        self.predictor = load_predictor(Path(context.artifacts["model_dir"]))
-
-    def predict(
-        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
-    ) -> pd.DataFrame:
-        """One row per waveform, columns `output_columns()`; attention weights are not returned.
-
-        `model_input` is one float32 waveform, or a list / DataFrame / Series of them when called directly.
-        (np.ndarray is one of the hints from which MLflow infers no schema: the explicit signature rules.)
-        """
-        rows = []
-        for waveform in _waveforms(model_input):
-            result = self.predictor.predict(np.ascontiguousarray(waveform, dtype=np.float32))
-            row: dict[str, Any] = {}
-            for dimension in [d for d in DIMENSIONS if d in result] + sorted(set(result) - set(DIMENSIONS)):
-                row[f"{dimension}_class"] = int(result[dimension]["class"])
-                for column, probability in zip(
-                    PROBABILITY_COLUMNS, result[dimension]["probabilities"], strict=True
-                ):
-                    row[f"{dimension}_{column}"] = float(probability)
-            rows.append(row)
-        return pd.DataFrame(rows)
+        predictor = load_predictor(Path(context.artifacts["model_dir"]))
+        self.predictors = [predictor]
+        self.sample_rate = int(getattr(predictor, "sample_rate", self.sample_rate))
 
 
 def model_signature(dimensions: list[str] | tuple[str, ...] = DIMENSIONS) -> Any:
-    """Unnamed float32 (-1,) tensor in (a named TensorSpec breaks the PyTorch flavour), columns out."""
+    """A fold model's signature: unnamed float32 (-1,) tensor in (a named TensorSpec breaks the PyTorch
+    flavour), columns out, the `return_attention` param. (The registered ensemble has no input schema, so
+    that it takes wav files as well: see sermtl.serving.)"""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
@@ -734,7 +690,11 @@ def model_signature(dimensions: list[str] | tuple[str, ...] = DIMENSIONS) -> Any
     for dimension in dimensions:
         outputs.append(ColSpec("long", f"{dimension}_class"))
         outputs += [ColSpec("double", f"{dimension}_{column}") for column in PROBABILITY_COLUMNS]
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]), outputs=Schema(outputs))
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]),
+        outputs=Schema(outputs),
+        params=serving_signature(dimensions).params,
+    )
 
 
 def _pinned(*packages: str) -> list[str]:
@@ -755,11 +715,22 @@ def model_requirements(kind: str) -> list[str]:
     return _pinned(*common, *extra)
 
 
-def _log_model(uri: str, run_id: str, model_dir: Path, kind: str, dimensions: list[str]) -> str:
-    """Log the pyfunc inside the child run (MLflow 3 makes it a LoggedModel linked to the run)."""
+def model_packaging(kind: str) -> dict[str, Any]:
+    """log_model arguments that ship the code and pin the environment of a sermtl pyfunc."""
     import sermtl
 
-    project = Path(sermtl.__file__).resolve().parents[2]
+    package = Path(sermtl.__file__).resolve().parent
+    project = package.parents[1]
+    return {
+        "pip_requirements": model_requirements(kind),
+        "code_paths": [str(package)],
+        # The project's uv.lock, when there is one, pins the whole environment of the model.
+        "uv_project_path": str(project) if (project / "uv.lock").is_file() else None,
+    }
+
+
+def _log_model(uri: str, run_id: str, model_dir: Path, kind: str, dimensions: list[str]) -> str:
+    """Log the pyfunc inside the child run (MLflow 3 makes it a LoggedModel linked to the run)."""
     with (
         _fluent_tracking_uri(uri),
         mlflow.start_run(run_id=run_id),
@@ -771,11 +742,8 @@ def _log_model(uri: str, run_id: str, model_dir: Path, kind: str, dimensions: li
             python_model=SerModelPyfunc(),
             artifacts={"model_dir": str(model_dir)},
             signature=model_signature(dimensions),
-            pip_requirements=model_requirements(kind),
-            code_paths=[str(Path(sermtl.__file__).resolve().parent)],
-            # The project's uv.lock, when there is one, pins the whole environment of the model.
-            uv_project_path=str(project) if (project / "uv.lock").is_file() else None,
             metadata={"sermtl.kind": kind, "sermtl.dimensions": dimensions},
+            **model_packaging(kind),
         )
     return info.model_uri
 

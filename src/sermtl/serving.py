@@ -1,0 +1,656 @@
+"""The model that gets registered and served, and the one place where requests for it are parsed.
+
+What is served: the **ensemble of the K fold networks** of a study's proposed system
+(`<train_dir>/<system>/fold<k>/model`, one per leave-one-session-out fold). Each member was trained on
+four sessions and early-stopped on a validation speaker of those sessions, so nothing is retrained: the
+ensemble averages the members' class probabilities per dimension, and the class is the argmax of that
+mean. Attention weights (an optional output) are averaged over the members too: every fold network of a
+system frames the audio identically (same frame and hop, checked when logging), so frame i means the
+same stretch of audio for all of them, and the mean is again a distribution over the frames.
+
+Input contract (`parse_input`, used by the ensemble and by the per-fold models of sermtl.tracking; the
+fold models keep a float32 TensorSpec signature, so over HTTP they take float samples only):
+
+- raw audio: one mono waveform (1-D float32/float64 in [-1, 1], or int16 PCM, scaled by 1/32768) at the
+  model's sample rate, or a batch: a list of them (lengths may differ), a 2-D array (one row per
+  waveform; but (n, 1) is one mono column, and (n, c) with n > c <= 8 is refused as multi-channel
+  audio), or a DataFrame column `waveform` holding one array per row;
+- audio files: `bytes` of a wav file (anything libsndfile reads: WAV, FLAC, OGG), or a base64 string of
+  one, alone or in a list, or a DataFrame column `wav` (raw bytes or base64 strings).
+  The file's sample rate must be the model's: a file at another rate is refused, naming both rates, and
+  never resampled silently (resampling changes what the network hears; the caller decides how). Only
+  mono files are accepted: a multi-channel file is refused rather than downmixed, since which channel
+  (or mix) holds the speaker is the caller's knowledge.
+- refused, each with a message naming the problem: an empty request or empty waveform, integer samples
+  other than int16 (e.g. int64, which is what a JSON list of integers becomes), bool/complex/object
+  samples, NaN or infinite samples, audio longer than `serving.max_duration_s`, float samples far
+  outside [-1, 1] (peak above FLOAT_PEAK_LIMIT: int16 PCM passed as float), more than two dimensions.
+
+Errors are `InvalidAudioError`: a ValueError and an MlflowException with INVALID_PARAMETER_VALUE, which
+MLflow's scoring server (`mlflow models serve`) answers with HTTP 400 and the message (a plain ValueError
+would become a 400 whose message only says "unexpected error", the reason buried in a stack trace).
+
+Output: a DataFrame, one row per input, columns `output_columns(dimensions)` (`<dimension>_class`,
+0 = low, 1 = medium, 2 = high, then `<dimension>_prob_low|medium|high`), plus `<dimension>_attention`
+(the list of per-frame weights; frames every `frame_hop_s` of serving.json) when the predict-time param
+`return_attention` is true (default: `serving.return_attention`).
+
+Signature: no input schema, on purpose. MLflow has no single schema that admits both a variable-length
+float tensor and a column of files: an unnamed TensorSpec makes MLflow cast every request to that dtype
+before the model sees it (a wav column is then a schema error, and int64 or int16-scaled floats are cast
+instead of refused), and a column schema does not admit a bare waveform. Without an input schema MLflow
+hands the parsed JSON to the model unchanged and `parse_input` checks it. The output columns and the
+`return_attention` param are in the signature (a param not in a params schema is dropped by MLflow).
+
+Over HTTP (`POST /invocations`, JSON): `{"inputs": [samples]}`, `{"inputs": [[...], [...]]}` (equal
+lengths), `{"dataframe_split": {"columns": ["waveform"], "data": [[[...]], [[...]]]}}` (any lengths),
+`{"dataframe_split": {"columns": ["wav"], "data": [["<base64>"]]}}` or `{"inputs": "<base64>"}`; add
+`"params": {"return_attention": true}` for the attention columns. Prefer dataframe_split for files: a
+refused request's message quotes the start of the request (see InvalidAudioError).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import io
+import json
+import numbers
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from sermtl.metrics import PROBABILITY_COLUMNS
+from sermtl.params import DataParams, Params, ServingParams
+from sermtl.schema import CLASS_NAMES, DIMENSIONS, MODEL_DIR
+
+SERVING_FORMAT = 1
+SERVING_CONFIG_FILE = "serving.json"
+CONFIG_ARTIFACT = "serving_config"
+ENSEMBLE_MODEL_NAME = "ensemble"  # name of the LoggedModel inside the run
+WAVEFORM_COLUMN = "waveform"
+WAV_COLUMN = "wav"
+RETURN_ATTENTION = "return_attention"
+ATTENTION_SUFFIX = "_attention"
+INT16_SCALE = 32768.0
+# Float audio may overshoot 1.0 a little (resampling ringing, inter-sample peaks); beyond this peak it is
+# not float audio at all but (most likely) int16 PCM sent as floats.
+FLOAT_PEAK_LIMIT = 2.0
+EXAMPLE_SECONDS = 0.5
+MAX_ECHO_CHARS = 200  # of the request, in the message of a refused one (see InvalidAudioError)
+MAX_CHANNELS_GUESS = 8  # a 2-D array (n, c) with n > c and c <= this is multi-channel audio, not a batch
+
+_DEFAULT_SAMPLE_RATE = DataParams().sample_rate
+_DEFAULT_MAX_DURATION_S = ServingParams().max_duration_s
+
+
+class InvalidAudioError(MlflowException, ValueError):
+    """A request the model cannot take; HTTP 400 with this message from MLflow's scoring server."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    # MLflow's scoring server re-sets the message to "Failed to predict data '<the request>'. \nError:
+    # <message>": for a wav file sent as base64 text that echoes the whole file back in the 400 response.
+    # The reason stays whole; the echo of the request is cut to MAX_ECHO_CHARS.
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        reason = getattr(self, "_reason", None)
+        if reason is None:
+            self._reason = value
+        elif value.endswith(reason) and len(value) - len(reason) > MAX_ECHO_CHARS:
+            value = f"{value[:MAX_ECHO_CHARS]}...'. \nError: {reason}"
+        self._message = value
+
+
+def fold_artifact(fold: int) -> str:
+    return f"fold{fold}"
+
+
+def output_columns(dimensions: Sequence[str] = DIMENSIONS) -> list[str]:
+    """`<dimension>_class` then `<dimension>_prob_<class>` per dimension: the pyfunc's output columns."""
+    columns = []
+    for dimension in dimensions:
+        columns.append(f"{dimension}_class")
+        columns += [f"{dimension}_{column}" for column in PROBABILITY_COLUMNS]
+    return columns
+
+
+def attention_columns(dimensions: Sequence[str] = DIMENSIONS) -> list[str]:
+    return [f"{dimension}{ATTENTION_SUFFIX}" for dimension in dimensions]
+
+
+def _ordered(dimensions: Sequence[str]) -> list[str]:
+    return [d for d in DIMENSIONS if d in dimensions] + [d for d in dimensions if d not in DIMENSIONS]
+
+
+# --- parsing requests ---------------------------------------------------------------------------------
+
+_FILE_TYPES = (bytes, bytearray, memoryview, str)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Number | np.bool_)
+
+
+def _items(model_input: Any) -> list[tuple[str, Any]]:
+    """The request as (kind, item) pairs: kind "wav" (bytes or base64 text) or "waveform" (samples)."""
+    if model_input is None:
+        raise InvalidAudioError("empty request: no waveform or wav file given")
+    if isinstance(model_input, _FILE_TYPES):
+        return [(WAV_COLUMN, model_input)]
+    if _is_number(model_input):
+        raise InvalidAudioError("a single number is not a waveform: send an array of samples")
+    if isinstance(model_input, pd.DataFrame):
+        return _frame_items(model_input)
+    if isinstance(model_input, pd.Series):
+        return [_cell(cell) for cell in model_input.tolist()]
+    if isinstance(model_input, dict):
+        unknown = sorted(str(k) for k in model_input if k not in (WAVEFORM_COLUMN, WAV_COLUMN))
+        if unknown or len(model_input) != 1:
+            raise InvalidAudioError(
+                f"expected exactly one of the keys '{WAVEFORM_COLUMN}' (samples) or '{WAV_COLUMN}' "
+                f"(wav files); got {sorted(str(k) for k in model_input)}"
+            )
+        ((key, value),) = model_input.items()
+        if key == WAV_COLUMN:
+            # never through np.asarray: a bytes ("S") array drops the trailing NUL bytes of a file
+            files = value.reshape(-1).tolist() if isinstance(value, np.ndarray) else value
+            files = [files] if isinstance(files, _FILE_TYPES) else list(files)
+            for index, item in enumerate(files):
+                if not isinstance(item, _FILE_TYPES):
+                    raise InvalidAudioError(
+                        f"input {index}: '{WAV_COLUMN}' holds wav files (bytes or base64 text), "
+                        f"got {type(item).__name__}"
+                    )
+            return [(WAV_COLUMN, item) for item in files]
+        if isinstance(value, _FILE_TYPES):
+            raise InvalidAudioError(
+                f"'{WAVEFORM_COLUMN}' holds arrays of samples; send wav files under '{WAV_COLUMN}'"
+            )
+        return [(WAVEFORM_COLUMN, item) for _, item in _items(value)]
+    if isinstance(model_input, list | tuple):
+        if not model_input:
+            return []
+        if all(isinstance(item, _FILE_TYPES) for item in model_input):
+            return [(WAV_COLUMN, item) for item in model_input]
+        if all(_is_number(item) for item in model_input):
+            return [(WAVEFORM_COLUMN, np.asarray(model_input))]
+        return [_cell(item) for item in model_input]
+    if isinstance(model_input, np.ndarray):
+        if model_input.dtype.kind == "S":
+            raise InvalidAudioError(
+                "a fixed-width bytes array (numpy dtype S) drops the trailing zero bytes of a file: pass "
+                "wav files as a list of bytes, an object array, or base64 text"
+            )
+        if model_input.dtype.kind == "U":
+            return [(WAV_COLUMN, item) for item in model_input.reshape(-1).tolist()]
+        if model_input.dtype == object:
+            if model_input.ndim == 0:
+                return _items(model_input.item())
+            return [_cell(item) for item in model_input.reshape(-1)]
+        if model_input.ndim == 0:
+            raise InvalidAudioError("a single number is not a waveform: send an array of samples")
+        if model_input.ndim == 1:
+            return [(WAVEFORM_COLUMN, model_input)]
+        if model_input.ndim == 2:
+            rows, columns = model_input.shape
+            if columns == 1:  # (samples, 1): one mono waveform as soundfile's always_2d gives it
+                return [(WAVEFORM_COLUMN, model_input[:, 0])]
+            if rows > columns and columns <= MAX_CHANNELS_GUESS:
+                raise InvalidAudioError(
+                    f"an array of shape {model_input.shape} looks like (samples, channels) audio: send mono "
+                    "(a batch is one waveform per row)"
+                )
+            return [(WAVEFORM_COLUMN, row) for row in model_input]
+        raise InvalidAudioError(
+            f"expected one waveform (1-D) or a batch of them (2-D); got an array of shape {model_input.shape}"
+        )
+    raise InvalidAudioError(
+        f"unsupported input of type {type(model_input).__name__}: send samples, wav bytes or a DataFrame "
+        f"with a '{WAVEFORM_COLUMN}' or '{WAV_COLUMN}' column"
+    )
+
+
+def _cell(item: Any) -> tuple[str, Any]:
+    return (WAV_COLUMN, item) if isinstance(item, _FILE_TYPES) else (WAVEFORM_COLUMN, item)
+
+
+def _frame_items(frame: pd.DataFrame) -> list[tuple[str, Any]]:
+    columns = [str(c) for c in frame.columns]
+    if WAVEFORM_COLUMN in columns and WAV_COLUMN in columns:
+        raise InvalidAudioError(f"give either a '{WAVEFORM_COLUMN}' or a '{WAV_COLUMN}' column, not both")
+    if WAV_COLUMN in columns:
+        cells = frame[WAV_COLUMN].tolist()
+        for index, cell in enumerate(cells):
+            if not isinstance(cell, _FILE_TYPES):
+                raise InvalidAudioError(
+                    f"input {index}: the '{WAV_COLUMN}' column holds wav files (bytes or base64 text), "
+                    f"got {type(cell).__name__}"
+                )
+        return [(WAV_COLUMN, cell) for cell in cells]
+    if WAVEFORM_COLUMN in columns:
+        cells = frame[WAVEFORM_COLUMN].tolist()
+        for index, cell in enumerate(cells):
+            if isinstance(cell, _FILE_TYPES):
+                raise InvalidAudioError(
+                    f"input {index}: the '{WAVEFORM_COLUMN}' column holds arrays of samples; "
+                    f"send wav files in a '{WAV_COLUMN}' column"
+                )
+        return [(WAVEFORM_COLUMN, cell) for cell in cells]
+    if len(columns) > 1 and all(pd.api.types.is_numeric_dtype(dtype) for dtype in frame.dtypes):
+        return [(WAVEFORM_COLUMN, row) for row in frame.to_numpy()]  # one waveform per row
+    if len(columns) == 1:
+        return [_cell(cell) for cell in frame.iloc[:, 0].tolist()]
+    raise InvalidAudioError(
+        f"expected a '{WAVEFORM_COLUMN}' column (arrays of samples) or a '{WAV_COLUMN}' column (wav files); "
+        f"got columns {columns}"
+    )
+
+
+def _file_bytes(item: Any, where: str) -> bytes:
+    if isinstance(item, str):
+        text = item.strip()
+        if text.startswith("data:") and "," in text:  # a data: URL (data:audio/wav;base64,....)
+            text = text.split(",", 1)[1]
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidAudioError(f"{where}: a wav file as text must be base64; {exc}") from exc
+    return bytes(item)
+
+
+def _decode_file(data: bytes, where: str, sample_rate: int, max_duration_s: float) -> np.ndarray:
+    import soundfile
+
+    if not data:
+        raise InvalidAudioError(f"{where}: empty wav file (0 bytes)")
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as audio:
+            rate, channels, frames = int(audio.samplerate), int(audio.channels), int(audio.frames)
+            if rate != sample_rate:
+                raise InvalidAudioError(
+                    f"{where}: wav sample rate is {rate} Hz but this model expects {sample_rate} Hz; "
+                    f"resample to {sample_rate} Hz before sending (nothing is resampled here)"
+                )
+            if channels != 1:
+                raise InvalidAudioError(
+                    f"{where}: wav has {channels} channels; this model takes mono audio (downmix or pick "
+                    "the speaker's channel before sending)"
+                )
+            _check_length(frames, where, sample_rate, max_duration_s)
+            samples = audio.read(dtype="float32", always_2d=True)
+    except InvalidAudioError:
+        raise
+    except (RuntimeError, TypeError, ValueError) as exc:  # soundfile.LibsndfileError is a RuntimeError
+        reason = getattr(exc, "error_string", None) or str(exc)
+        raise InvalidAudioError(f"{where}: not a readable audio file (WAV, FLAC or OGG): {reason}") from exc
+    return _check_samples(samples[:, 0], where, sample_rate, max_duration_s)
+
+
+def _check_length(size: int, where: str, sample_rate: int, max_duration_s: float) -> None:
+    if size == 0:
+        raise InvalidAudioError(f"{where}: empty waveform (0 samples)")
+    if size > max_duration_s * sample_rate:
+        raise InvalidAudioError(
+            f"{where}: audio is {size / sample_rate:.2f} s long ({size} samples at {sample_rate} Hz); "
+            f"the limit is {max_duration_s:g} s (serving.max_duration_s): split it into shorter requests"
+        )
+
+
+def _check_samples(samples: Any, where: str, sample_rate: int, max_duration_s: float) -> np.ndarray:
+    """Validated mono float32 samples in [-1, 1] (int16 PCM scaled by 1/32768)."""
+    if isinstance(samples, _FILE_TYPES):
+        raise InvalidAudioError(f"{where}: expected an array of samples, got {type(samples).__name__}")
+    try:
+        array = np.asarray(samples)
+    except (ValueError, TypeError) as exc:  # ragged nesting
+        raise InvalidAudioError(f"{where}: not an array of samples: {exc}") from exc
+    if array.ndim == 0:
+        raise InvalidAudioError(f"{where}: a single number is not a waveform: send an array of samples")
+    if array.ndim == 2 and 1 in array.shape:  # a column or row vector is still mono
+        array = array.reshape(-1)
+    if array.ndim != 1:
+        hint = " (multi-channel audio: send mono)" if array.ndim == 2 else ""
+        raise InvalidAudioError(
+            f"{where}: a waveform must be 1-D mono samples, got shape {array.shape}{hint}"
+        )
+    kind = array.dtype.kind
+    if kind == "i" and array.dtype == np.int16:
+        _check_length(array.size, where, sample_rate, max_duration_s)
+        return (array.astype(np.float32) / np.float32(INT16_SCALE)).astype(np.float32)
+    if kind in "iu":
+        raise InvalidAudioError(
+            f"{where}: samples of integer dtype {array.dtype} are not accepted; send float32 samples in "
+            "[-1, 1] (write 0.0, not 0, in JSON), int16 PCM, or a wav file"
+        )
+    if kind != "f":
+        raise InvalidAudioError(
+            f"{where}: samples of dtype {array.dtype} are not audio; send float32 samples in [-1, 1], "
+            "int16 PCM, or a wav file"
+        )
+    _check_length(array.size, where, sample_rate, max_duration_s)
+    finite = np.isfinite(array)
+    if not finite.all():
+        nan = int(np.isnan(array).sum())
+        raise InvalidAudioError(
+            f"{where}: waveform has non-finite samples ({nan} NaN, {int(array.size - finite.sum() - nan)} "
+            f"infinite; first at sample {int(np.argmin(finite))})"
+        )
+    peak = float(np.max(np.abs(array)))
+    if peak > FLOAT_PEAK_LIMIT:
+        raise InvalidAudioError(
+            f"{where}: float samples reach {peak:g}, far outside [-1, 1]: this looks like int16 PCM passed "
+            f"as float; divide by {INT16_SCALE:g} (or send int16 or a wav file)"
+        )
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def parse_input(
+    model_input: Any,
+    *,
+    sample_rate: int = _DEFAULT_SAMPLE_RATE,
+    max_duration_s: float = _DEFAULT_MAX_DURATION_S,
+) -> list[np.ndarray]:
+    """The waveforms of a request (see the module docstring), each mono float32 in [-1, 1] at
+    `sample_rate`; anything else raises InvalidAudioError naming the problem and the input's index."""
+    items = _items(model_input)
+    if not items:
+        raise InvalidAudioError("empty request: no waveform or wav file given")
+    waveforms = []
+    for index, (kind, item) in enumerate(items):
+        where = "input" if len(items) == 1 else f"input {index}"
+        if kind == WAV_COLUMN:
+            waveforms.append(_decode_file(_file_bytes(item, where), where, sample_rate, max_duration_s))
+        else:
+            waveforms.append(_check_samples(item, where, sample_rate, max_duration_s))
+    return waveforms
+
+
+def return_attention_param(params: dict[str, Any] | None, default: bool) -> bool:
+    """`return_attention` of the predict-time params (MLflow has validated it when served)."""
+    params = params or {}
+    unknown = sorted(set(params) - {RETURN_ATTENTION})
+    if unknown:
+        raise InvalidAudioError(f"unknown param(s) {', '.join(unknown)}; known: {RETURN_ATTENTION}")
+    value = params.get(RETURN_ATTENTION, default)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        value = value.strip().lower() == "true"
+    if not isinstance(value, bool | np.bool_):
+        raise InvalidAudioError(f"param {RETURN_ATTENTION} must be true or false, got {value!r}")
+    return bool(value)
+
+
+# --- predicting ---------------------------------------------------------------------------------------
+
+
+def _mean_attention(weights: list[Any]) -> list[float] | None:
+    if any(w is None for w in weights):
+        return None
+    arrays = [np.asarray(w, dtype=np.float64).reshape(-1) for w in weights]
+    if len({a.size for a in arrays}) != 1:
+        raise RuntimeError(
+            f"ensemble members framed the audio differently: {[a.size for a in arrays]} frames"
+        )
+    return [float(v) for v in np.mean(arrays, axis=0)]
+
+
+def predict_frame(
+    predictors: Sequence[Any],
+    waveforms: Sequence[np.ndarray],
+    dimensions: Sequence[str] | None = None,
+    return_attention: bool = False,
+) -> pd.DataFrame:
+    """One row per waveform: class (argmax of the members' mean probabilities) and mean probabilities per
+    dimension, and the members' mean attention per dimension when asked."""
+    rows = []
+    for waveform in waveforms:
+        results = [predictor.predict(waveform) for predictor in predictors]
+        dims = list(dimensions) if dimensions else _ordered(list(results[0]))
+        row: dict[str, Any] = {}
+        for dimension in dims:
+            probabilities = np.mean([r[dimension]["probabilities"] for r in results], axis=0)
+            row[f"{dimension}_class"] = int(np.argmax(probabilities))
+            for column, probability in zip(PROBABILITY_COLUMNS, probabilities, strict=True):
+                row[f"{dimension}_{column}"] = float(probability)
+        if return_attention:
+            for dimension in dims:
+                row[f"{dimension}{ATTENTION_SUFFIX}"] = _mean_attention(
+                    [r[dimension].get("attention") for r in results]
+                )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+class AudioPyfunc(mlflow.pyfunc.PythonModel):
+    """Shared predict of the served models: parse the request (`parse_input`), run every member
+    predictor (one for a fold model, K for the ensemble), average. Subclasses load the members."""
+
+    predictors: list[Any]
+    sample_rate: int = _DEFAULT_SAMPLE_RATE
+    max_duration_s: float = _DEFAULT_MAX_DURATION_S
+    return_attention: bool = False
+    dimensions: list[str] | None = None
+
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        """One row per input waveform; see the module docstring for the input contract and columns.
+
+        (np.ndarray is one of the hints from which MLflow infers no schema: the explicit signature rules.)
+        """
+        attention = return_attention_param(params, self.return_attention)
+        waveforms = parse_input(model_input, sample_rate=self.sample_rate, max_duration_s=self.max_duration_s)
+        return predict_frame(self.predictors, waveforms, self.dimensions, attention)
+
+
+class SerEnsemblePyfunc(AudioPyfunc):
+    """The registered model: the K fold networks of one system, probabilities averaged.
+
+    Artifacts: `fold<k>` (each fold's model/ folder, rebuilt by sermtl.training.load_predictor) and
+    `serving_config` (serving.json: format, system, folds, sample_rate, max_duration_s, return_attention,
+    dimensions, frame_hop_s, class_names). Loading needs the sermtl package (shipped as code_paths).
+    """
+
+    def load_context(self, context: Any) -> None:
+        from sermtl.training import load_predictor  # lazy: torch is only needed when the model is loaded
+
+        config = json.loads(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
+        if config.get("format") != SERVING_FORMAT:
+            raise MlflowException(f"{SERVING_CONFIG_FILE}: unsupported format {config.get('format')!r}")
+        predictors = [load_predictor(Path(context.artifacts[fold_artifact(k)])) for k in config["folds"]]
+        self.configure(predictors, config)
+
+    def configure(self, predictors: list[Any], config: dict[str, Any]) -> None:
+        """Members and settings (from serving.json); a member at another sample rate is an error."""
+        if not predictors:
+            raise MlflowException("an ensemble needs at least one member")
+        for fold, predictor in zip(config.get("folds", range(len(predictors))), predictors, strict=True):
+            rate = getattr(predictor, "sample_rate", config["sample_rate"])
+            if rate != config["sample_rate"]:
+                raise MlflowException(
+                    f"fold {fold}: network expects {rate} Hz but serving.json says {config['sample_rate']} Hz"
+                )
+        self.predictors = list(predictors)
+        self.sample_rate = int(config["sample_rate"])
+        self.max_duration_s = float(config["max_duration_s"])
+        self.return_attention = bool(config.get("return_attention", False))
+        self.dimensions = _ordered(config["dimensions"])
+
+
+def serving_signature(dimensions: Sequence[str] = DIMENSIONS, return_attention: bool = False) -> Any:
+    """No input schema (see the module docstring), the output columns (attention ones optional) and the
+    `return_attention` param with its default."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    outputs = []
+    for dimension in dimensions:
+        outputs.append(ColSpec(DataType.long, f"{dimension}_class"))
+        outputs += [ColSpec(DataType.double, f"{dimension}_{column}") for column in PROBABILITY_COLUMNS]
+    outputs += [
+        ColSpec(Array(DataType.double), name, required=False) for name in attention_columns(dimensions)
+    ]
+    return ModelSignature(
+        inputs=None,
+        outputs=Schema(outputs),
+        params=ParamSchema([ParamSpec(RETURN_ATTENTION, DataType.boolean, bool(return_attention))]),
+    )
+
+
+def example_waveform(sample_rate: int, seconds: float = EXAMPLE_SECONDS) -> np.ndarray:
+    """A deterministic half second of a quiet harmonic tone: the logged input example."""
+    t = np.arange(round(seconds * sample_rate)) / sample_rate
+    tone = 0.1 * np.sin(2 * np.pi * 150 * t) + 0.05 * np.sin(2 * np.pi * 300 * t)
+    return (tone * np.hanning(t.size)).astype(np.float32)
+
+
+# --- logging the ensemble -----------------------------------------------------------------------------
+
+
+def _fold_list(folds: list[int] | int) -> list[int]:
+    if isinstance(folds, bool) or not isinstance(folds, int | list | tuple):
+        raise ValueError(f"folds: expected a count or a list of fold indices, got {folds!r}")
+    chosen = list(range(folds)) if isinstance(folds, int) else [int(k) for k in folds]
+    if not chosen:
+        raise ValueError("folds: an ensemble needs at least one fold")
+    if len(set(chosen)) != len(chosen) or min(chosen) < 0:
+        raise ValueError(f"folds: expected distinct non-negative fold indices, got {chosen}")
+    return chosen
+
+
+def ensemble_members(
+    train_dir: Path, system: str, folds: list[int] | int, params: Params
+) -> tuple[dict[int, Path], dict[str, Any]]:
+    """{fold: model dir} of a trained neural system and its serving.json; errors name what is wrong."""
+    from sermtl.training import MODEL_FORMAT
+
+    spec = params.systems.get(system)
+    if spec is None:
+        raise ValueError(f"unknown system {system!r}; known: {', '.join(params.systems)}")
+    if spec.kind != "neural":
+        raise ValueError(
+            f"system {system!r} is of kind {spec.kind!r}: only neural systems can be served as an ensemble "
+            "(the eGeMAPS baseline's model/ holds scikit-learn pipelines over openSMILE features, with no "
+            "predictor that takes audio)"
+        )
+    members: dict[int, Path] = {}
+    dimensions: list[str] | None = None
+    framing: set[tuple[int, int]] = set()
+    for fold in _fold_list(folds):
+        model_dir = Path(train_dir) / system / f"fold{fold}" / MODEL_DIR
+        config_path = model_dir / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path}: missing; has fold {fold} of {system} been trained?")
+        description = json.loads(config_path.read_text())
+        if description.get("format") != MODEL_FORMAT:
+            raise ValueError(f"{config_path}: unsupported model format {description.get('format')!r}")
+        if description.get("system", system) != system:
+            raise ValueError(f"{config_path}: a model of system {description['system']!r}, not {system!r}")
+        if dimensions is None:
+            dimensions = list(description["dimensions"])
+        elif set(description["dimensions"]) != set(dimensions):
+            raise ValueError(
+                f"{config_path}: dimensions {description['dimensions']} differ from {dimensions}"
+            )
+        for network in description["networks"].values():
+            config = network["config"]
+            if int(config["sample_rate"]) != params.data.sample_rate:
+                raise ValueError(
+                    f"{config_path}: network trained at {config['sample_rate']} Hz but "
+                    f"data.sample_rate is {params.data.sample_rate} Hz"
+                )
+            framing.add((int(config["frame_samples"]), int(config["hop_samples"])))
+        members[fold] = model_dir
+    if len(framing) != 1:
+        raise ValueError(f"{system}: fold networks frame the audio differently {sorted(framing)}")
+    ((frame_samples, hop_samples),) = framing
+    rate = params.data.sample_rate
+    config = {
+        "format": SERVING_FORMAT,
+        "system": system,
+        "folds": list(members),
+        "sample_rate": rate,
+        "max_duration_s": float(params.serving.max_duration_s),
+        "return_attention": bool(params.serving.return_attention),
+        "dimensions": _ordered(dimensions or []),
+        "class_names": list(CLASS_NAMES),
+        "frame_s": frame_samples / rate,
+        "frame_hop_s": hop_samples / rate,
+        "ensemble": "mean of the fold networks' class probabilities (class = argmax) and attention weights",
+    }
+    return members, config
+
+
+def log_ensemble_model(
+    train_dir: Path,
+    system: str,
+    folds: list[int] | int,
+    params: Params,
+    *,
+    run_id: str,
+    tracking_uri: str | None = None,
+) -> str:
+    """Log the ensemble of `system`'s fold networks as a pyfunc into the existing run `run_id` (a
+    LoggedModel named "ensemble" linked to it); returns its `models:/m-<id>` URI, ready for
+    `tracking.register_model`. The run keeps its status (e.g. a study's parent run stays RUNNING)."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    from sermtl import tracking
+
+    members, config = ensemble_members(train_dir, system, folds, params)
+    uri = tracking._resolve(tracking_uri)
+    mlflow_client = tracking.client(uri)
+    run = mlflow_client.get_run(run_id)
+    # The LoggedModel is created here and linked to the run as an output, instead of logging inside
+    # `mlflow.start_run(run_id)`, whose exit would mark the run FINISHED (a study's parent is RUNNING).
+    logged = mlflow_client.create_logged_model(
+        run.info.experiment_id,
+        name=ENSEMBLE_MODEL_NAME,
+        source_run_id=run_id,
+        tags={tracking.TAG_SYSTEM: system, tracking.TAG_KIND: "ensemble"},
+        params={"system": system, "folds": json.dumps(config["folds"])},
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="sermtl-serving-") as tmp:
+            config_path = Path(tmp) / SERVING_CONFIG_FILE
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
+            artifacts = {fold_artifact(k): str(path) for k, path in members.items()}
+            artifacts[CONFIG_ARTIFACT] = str(config_path)
+            with tracking._fluent_tracking_uri(uri):
+                info = mlflow.pyfunc.log_model(
+                    name=ENSEMBLE_MODEL_NAME,
+                    model_id=logged.model_id,
+                    python_model=SerEnsemblePyfunc(),
+                    artifacts=artifacts,
+                    signature=serving_signature(config["dimensions"], config["return_attention"]),
+                    input_example=example_waveform(config["sample_rate"]),
+                    metadata={
+                        "sermtl.kind": "neural",
+                        "sermtl.system": system,
+                        "sermtl.folds": config["folds"],
+                        "sermtl.dimensions": config["dimensions"],
+                        "sermtl.sample_rate": config["sample_rate"],
+                        "sermtl.ensemble": config["ensemble"],
+                    },
+                    **tracking.model_packaging("neural"),
+                )
+    except BaseException:
+        with contextlib.suppress(Exception):  # log_model marks it FAILED itself once it has started
+            mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    mlflow_client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    return info.model_uri
