@@ -186,6 +186,23 @@ def test_saved_model_reproduces_the_predictions(tiny_store, tiny_features, fold0
         )
 
 
+def test_predictor_from_the_model_dir_matches_the_predictions(tiny_store, fold0):
+    """What the logged pyfunc loads (training.load_predictor dispatches on the model file)."""
+    from sermtl.training import load_predictor
+
+    out, _ = fold0
+    predictor = load_predictor(out / MODEL_DIR)
+    assert isinstance(predictor, egemaps.EgemapsPredictor) and predictor.sample_rate == 16000
+    store = AudioStore(tiny_store)
+    predictions = pd.read_parquet(out / PREDICTIONS_FILE)
+    for uid in predictions["utterance_id"].unique()[:3]:
+        result = predictor.predict(store.waveform(uid))
+        for row in predictions[predictions["utterance_id"] == uid].itertuples():
+            expected = [row.prob_low, row.prob_medium, row.prob_high]
+            assert np.allclose(result[row.dimension]["probabilities"], expected, atol=1e-6)
+            assert result[row.dimension]["class"] == row.prediction
+
+
 def test_training_is_deterministic(tiny_store, fold0, tmp_path, monkeypatch):
     out, metrics = fold0
     _no_opensmile(monkeypatch)

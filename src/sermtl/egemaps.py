@@ -438,6 +438,7 @@ def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path
         "feature_level": FEATURE_LEVEL,
         "opensmile": _opensmile_version(),
         "chosen_C": chosen,
+        "sample_rate": int(store.sample_rate),
     }
     with atomic_directory(Path(out_dir)) as tmp:
         predictions.to_parquet(tmp / PREDICTIONS_FILE, index=False)
@@ -445,3 +446,35 @@ def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path
         (tmp / MODEL_DIR).mkdir()
         joblib.dump(model, tmp / MODEL_DIR / MODEL_FILE)
     return metrics
+
+
+class EgemapsPredictor:
+    """A trained eGeMAPS fold as a function of one waveform, like sermtl.training.Predictor (no attention)."""
+
+    def __init__(self, model: dict[str, Any]) -> None:
+        self.pipelines = model["pipelines"]
+        self.dimensions = list(model["dimensions"])
+        self.sample_rate = int(model.get("sample_rate", 16000))
+        self.smile = _make_smile()
+
+    def predict(self, waveform: np.ndarray) -> dict[str, dict[str, Any]]:
+        """{dimension: {"class", "probabilities" [low, medium, high]}} for mono audio at `sample_rate`."""
+        samples = np.asarray(waveform)
+        samples = (
+            samples.astype(np.float32) / 32768.0 if samples.dtype == np.int16 else samples.astype(np.float32)
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Segment too short": NaN features, imputed
+            features = self.smile.process_signal(samples.reshape(-1), self.sample_rate).to_numpy(np.float64)
+        result = {}
+        for dimension in self.dimensions:
+            probabilities = _probabilities(self.pipelines[dimension], features)[0]
+            result[dimension] = {"class": int(np.argmax(probabilities)), "probabilities": probabilities}
+        return result
+
+
+def load_predictor(model_dir: Path) -> EgemapsPredictor:
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no eGeMAPS model")
+    return EgemapsPredictor(joblib.load(path))

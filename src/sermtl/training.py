@@ -899,9 +899,13 @@ class Predictor:
         return {d: result[d] for d in self.dimensions if d in result}
 
 
-def load_predictor(model_dir: Path | str, device: str = "cpu") -> Predictor:
+def load_predictor(model_dir: Path | str, device: str = "cpu") -> Any:
     """Rebuild the trained network(s) of a run directory's model/ folder."""
     model_dir = Path(model_dir)
+    from sermtl import egemaps
+
+    if (model_dir / egemaps.MODEL_FILE).is_file():
+        return egemaps.load_predictor(model_dir)  # the hand-crafted baseline
     description = json.loads((model_dir / "config.json").read_text())
     if description.get("format") != MODEL_FORMAT:
         raise ValueError(f"{model_dir}: unsupported model format {description.get('format')!r}")
