@@ -243,6 +243,281 @@ def significance(
     typer.echo(to_markdown(report))
 
 
+@app.command()
+def compare(
+    study: Annotated[
+        str | None,
+        typer.Option("--study", help="Parent run id of the study (default: the latest finished study)."),
+    ] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option("--experiment", help="Experiment searched (default: $MLFLOW_EXPERIMENT_NAME or sermtl)"),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder for comparison.{md,html,json}.")] = Path(
+        "artifacts/comparison"
+    ),
+    subset: Annotated[str, typer.Option("--subset", help="Utterances compared: all | improvised.")] = "all",
+    log: Annotated[bool, typer.Option(help="Also log the files on the study run under comparison/.")] = True,
+    params_path: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Systems x dimensions of a study read back from MLflow: pooled UAR with bootstrap CI, fold mean ± sd.
+
+    Markers come from the study's logged significance report (registry.gate.test).
+    Tracking server: $MLFLOW_TRACKING_URI (else ./mlruns); without params.yaml the defaults are used.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from sermtl.compare import CompareError, run_compare
+    from sermtl.params import Params
+
+    params = _load(params_path) if params_path.is_file() or params_path != DEFAULT_PARAMS_PATH else Params()
+    try:
+        comparison, paths = run_compare(
+            study, experiment=experiment, out_dir=out, subset=subset, params=params, log=log
+        )
+    except (CompareError, FileNotFoundError, MlflowException) as exc:
+        _fail(str(exc))
+    typer.echo(comparison.to_markdown())
+    logged = f"; logged on run {comparison.study_id} under comparison/" if log else ""
+    typer.echo(f"wrote {', '.join(str(path) for path in paths.values())}{logged}")
+
+
+def _refused(exc: Exception) -> None:
+    """A refused promotion/rollback: exit 1 by policy, 3 for a concurrent conflict (re-running may work)."""
+    typer.secho(f"refused: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=3 if getattr(exc, "conflict", False) else 1)
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name (registry.model_name).")],
+    version: Annotated[
+        str | None, typer.Option("--version", help="Version to promote (default: the `challenger` alias).")
+    ] = None,
+    reason: Annotated[str, typer.Option("--reason", help="Why; recorded in the audit trail.")] = "",
+    force: Annotated[
+        bool,
+        typer.Option(help="Promote even if the gate or the promotion rule says no (needs --reason)."),
+    ] = False,
+    actor: Annotated[
+        str | None, typer.Option("--actor", help="Who promotes (default: the login name).")
+    ] = None,
+    params_path: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Move the `champion` alias to a version after comparing it with the current champion.
+
+    Both versions' out-of-fold predictions are paired and tested as in `sermtl significance`;
+    registry.promotion.rule decides. Exit 1: refused (gate, rule, evidence); 3: a concurrent change won.
+    Tracking server: $MLFLOW_TRACKING_URI.
+    """
+    from sermtl.registry import RegistryError
+    from sermtl.registry import promote as run_promote
+
+    params = _load(params_path)
+    try:
+        result = run_promote(name, version, params=params, actor=actor, reason=reason, force=force)
+    except RegistryError as exc:
+        _refused(exc)
+    typer.echo(result.message)
+    for line in result.evidence.get("reasons", []):
+        typer.echo(f"  {line}")
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why; recorded in the audit trail.")] = "",
+    actor: Annotated[
+        str | None, typer.Option("--actor", help="Who rolls back (default: the login name).")
+    ] = None,
+    params_path: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Move `champion` back to the previous champion; repeated rollbacks walk further back."""
+    from sermtl.params import PromotionParams
+    from sermtl.registry import RegistryError
+    from sermtl.registry import rollback as run_rollback
+
+    timeout = (
+        _load(params_path).registry.promotion.lock_timeout_s
+        if params_path.is_file()
+        else PromotionParams().lock_timeout_s
+    )
+    try:
+        result = run_rollback(name, actor=actor, reason=reason, lock_timeout_s=timeout)
+    except RegistryError as exc:
+        _refused(exc)
+    typer.echo(result.message)
+
+
+@app.command()
+def registry(name: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
+    """Versions with aliases, gate result and pooled UARs; champion history and recent audit entries."""
+    from sermtl.registry import RegistryError, registry_state
+
+    try:
+        state = registry_state(name)
+    except RegistryError as exc:
+        _fail(str(exc))
+    typer.echo(state.table())
+
+
+# --- Kubeflow Pipelines: compile a named version, submit it, schedule it ------------------------------
+
+pipeline_app = typer.Typer(
+    help="Kubeflow Pipelines: compile a named pipeline version, upload and run it, schedule it.",
+    no_args_is_help=True,
+)
+app.add_typer(pipeline_app, name="pipeline")
+
+KfpOutOption = Annotated[
+    Path, typer.Option("--out", help="Folder of compiled versions; each goes to <out>/<version>/.")
+]
+HostOption = Annotated[
+    str,
+    typer.Option("--host", envvar="KF_PIPELINES_ENDPOINT", help="KFP API URL, e.g. http://localhost:8080."),
+]
+ExperimentOption = Annotated[str, typer.Option("--experiment", help="KFP experiment (created if missing).")]
+ParamPairsOption = Annotated[
+    list[str] | None,
+    typer.Option("--param", help="Pipeline parameter key=value, repeatable (e.g. corpus_uri=s3://b/p)."),
+]
+NamespaceOption = Annotated[
+    str | None, typer.Option("--namespace", help="Kubernetes namespace (multi-user KFP; manifests).")
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option("--token", envvar="KFP_TOKEN", help="Bearer token for the KFP API; never printed."),
+]
+
+
+def _compiled_version(out: Path, params_path: Path, namespace: str | None = None):
+    from sermtl.kfp_client import KfpError, compile_version
+
+    try:
+        return compile_version(out, params_path, namespace=namespace)
+    except KfpError as exc:
+        _fail(str(exc))
+
+
+def _param_pairs(pairs: list[str] | None) -> dict[str, str]:
+    from sermtl.kfp_client import KfpError, parse_param_pairs
+
+    try:
+        return parse_param_pairs(pairs or [])
+    except KfpError as exc:
+        _fail(str(exc))
+
+
+def _echo_upload(upload) -> None:
+    pipeline = "created" if upload.pipeline_created else "found"
+    version = "uploaded" if upload.version_created else "already there, reused"
+    typer.echo(f"pipeline version {upload.version_name} ({upload.version_id}): {version}")
+    typer.echo(f"pipeline id {upload.pipeline_id} ({pipeline}); experiment {upload.experiment!r}")
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: KfpOutOption = Path("artifacts/kfp"),
+    namespace: NamespaceOption = None,
+    params_path: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Compile the DAG with params.yaml compiled in: the IR YAML and the Pipeline/PipelineVersion manifests.
+
+    The version name is sermtl-<package version>-<commit>[-dirty]-p<sha256(params.yaml)[:8]>.
+    """
+    compiled = _compiled_version(out, params_path, namespace)
+    typer.echo(f"version {compiled.name}")
+    typer.echo(f"  IR YAML:   {compiled.pipeline_path}")
+    typer.echo(f"  manifests: {compiled.manifests_path} (kubectl apply -f)")
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    host: HostOption,
+    experiment: ExperimentOption = "sermtl",
+    param: ParamPairsOption = None,
+    run_name: Annotated[
+        str | None, typer.Option("--run-name", help="Run name (default: <version>-<UTC time>).")
+    ] = None,
+    out: KfpOutOption = Path("artifacts/kfp"),
+    namespace: NamespaceOption = None,
+    token: TokenOption = None,
+    params_path: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Compile, upload the version (reused if it exists) and start a run.
+
+    --params picks the params.yaml compiled into the version (the run's params_yaml).
+    """
+    from sermtl.kfp_client import KfpError, submit
+
+    pairs = _param_pairs(param)
+    compiled = _compiled_version(out, params_path, namespace)
+    try:
+        result = submit(
+            host,
+            compiled,
+            experiment=experiment,
+            params=pairs,
+            run_name=run_name,
+            namespace=namespace,
+            existing_token=token,
+        )
+    except KfpError as exc:
+        _fail(str(exc))
+    _echo_upload(result.upload)
+    typer.echo(f"run {result.run_name!r}: {result.run_id}\n{result.run_url}")
+
+
+@pipeline_app.command("schedule")
+def pipeline_schedule(
+    host: HostOption,
+    cron: Annotated[
+        str, typer.Option("--cron", help="Cron schedule: 5 fields, or 6 with seconds first (KFP's format).")
+    ],
+    experiment: ExperimentOption = "sermtl",
+    param: ParamPairsOption = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Recurring run name (default: the version name).")
+    ] = None,
+    max_concurrency: Annotated[int, typer.Option(help="Runs of the schedule allowed at once.")] = 1,
+    catchup: Annotated[bool, typer.Option(help="Backfill missed runs after a pause.")] = False,
+    out: KfpOutOption = Path("artifacts/kfp"),
+    namespace: NamespaceOption = None,
+    token: TokenOption = None,
+    params_path: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Compile, upload the version and create a recurring run of it (kept if an identical one exists)."""
+    from sermtl.kfp_client import KfpError, normalize_cron, schedule
+
+    pairs = _param_pairs(param)
+    try:
+        normalize_cron(cron)  # refuse a bad schedule before compiling or connecting
+    except KfpError as exc:
+        _fail(str(exc))
+    compiled = _compiled_version(out, params_path, namespace)
+    try:
+        result = schedule(
+            host,
+            compiled,
+            cron=cron,
+            experiment=experiment,
+            params=pairs,
+            name=name,
+            max_concurrency=max_concurrency,
+            no_catchup=not catchup,
+            namespace=namespace,
+            existing_token=token,
+        )
+    except KfpError as exc:
+        _fail(str(exc))
+    _echo_upload(result.upload)
+    state = "created" if result.created else "already exists, kept"
+    typer.echo(
+        f"recurring run {result.name!r} ({result.recurring_run_id}): {state}; cron {result.cron!r}, "
+        f"max concurrency {result.max_concurrency}\n{result.url}"
+    )
+
+
 def main() -> None:
     for name, value in (("GX_ANALYTICS_ENABLED", "false"), ("MLFLOW_DISABLE_TELEMETRY", "true")):
         os.environ.setdefault(name, value)
