@@ -18,6 +18,7 @@ def collect_study(
     results_report: Output[HTML],
     results_table: Output[Markdown],
     study_metrics: Output[Metrics],
+    proposed_runs: Output[Model],
 ) -> None:
     """Pool every run into the results table (JSON/Markdown/HTML) and log the study to MLflow."""
     from sermtl.pipeline_runner import collect_step
@@ -31,6 +32,7 @@ def collect_study(
         results_table.path,
         data_version=data_version,
         pipeline_run_id=pipeline_run_id,
+        proposed_dir=proposed_runs.path,
     )
     for name, value in metrics.items():
         study_metrics.log_metric(name, value)

@@ -35,8 +35,13 @@ TASK_OUTPUTS = {  # pipeline output -> (task, output) that produced it; for find
     "study_results": ("collect-study", "study_results"),
     "results_report": ("collect-study", "results_report"),
     "results_table": ("collect-study", "results_table"),
+    "significance": ("test-significance", "significance"),
+    "significance_report": ("test-significance", "significance_report"),
+    "significance_table": ("test-significance", "significance_table"),
 }
 RESULTS_COPY = "results.html"
+SIGNIFICANCE_COPY = "significance.html"
+COMPARISON_DIR = "comparison"
 # Telemetry stays off in the task subprocesses, which inherit this process's environment.
 QUIET_ENV = {"GX_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
 
@@ -109,7 +114,11 @@ def _record_after_failure(pipeline_root: Path, error: Exception) -> dict[str, An
 
 
 def _copy_report(record: dict[str, Any], outputs: Path) -> None:
-    for key, name in (("validation_report", REPORT_COPY), ("results_report", RESULTS_COPY)):
+    for key, name in (
+        ("validation_report", REPORT_COPY),
+        ("results_report", RESULTS_COPY),
+        ("significance_report", SIGNIFICANCE_COPY),
+    ):
         report = record.get(key)
         if report and Path(report).is_file():
             copy = outputs / name
@@ -128,6 +137,8 @@ def _print_record(record: dict[str, Any], last_run: Path) -> None:
         ("data docs:", "validation_docs"),
         ("study results:", "study_results"),
         ("results report:", "results_report_html"),
+        ("significance:", "significance_report_html"),
+        ("comparison:", "comparison_html"),
     ):
         if record.get(key):
             print(f"  {label:<19}{record[key]}")
@@ -142,11 +153,55 @@ def _print_record(record: dict[str, Any], last_run: Path) -> None:
         print(f"  validation:        {'passed' if validation.get('success') else 'FAILED'} {validation}")
     if record.get("error"):
         print(f"  error:             {record['error']}")
-    table = record.get("results_table")
-    if table and Path(table).is_file():
+    for key in ("results_table", "significance_table"):
+        table = record.get(key)
+        if table and Path(table).is_file():
+            print()
+            print(Path(table).read_text().rstrip())
+    decision = record.get("decision") or {}
+    if decision:
         print()
-        print(Path(table).read_text().rstrip())
+        print(f"comparison of the study (MLflow run {decision.get('study_run_id')}):")
+        print(decision.get("comparison", "").rstrip())
+        print()
+        verdict = "passed" if decision.get("gate_passed") else "FAILED: nothing registered"
+        print(f"registration gate {verdict}")
+        for reason in decision.get("gate_reasons", []):
+            print(f"  - {reason}")
+        print()
+        print(decision.get("registry", "").rstrip())
     print(f"  recorded in:       {last_run}")
+
+
+def _decision(record: dict[str, Any], outputs: Path, params: Any) -> dict[str, Any]:
+    """The study as MLflow holds it after the run: comparison table, gate outcome, registry state."""
+    from sermtl.compare import run_compare
+    from sermtl.pipeline_runner import read_study
+    from sermtl.registry import TAG_GATE_PASSED, TAG_GATE_REASONS, RegistryError, registry_state
+    from sermtl.tracking import client
+
+    study_run_id = read_study(record["study_results"])["study_run_id"]
+    if not study_run_id:
+        return {}
+    comparison, paths = run_compare(study_run_id, out_dir=outputs / COMPARISON_DIR, params=params)
+    record["comparison_html"] = str(paths["html"])
+    tags = client().get_run(study_run_id).data.tags
+    name = params.registry.model_name
+    try:
+        registry = f"MLflow Model Registry, model {name!r}:\n{registry_state(name).table()}"
+    except RegistryError as error:  # nothing registered yet: a normal outcome of a failed gate
+        registry = f"MLflow Model Registry: {error}"
+    try:
+        reasons = json.loads(tags.get(TAG_GATE_REASONS, "[]"))
+    except ValueError:  # a reason list too long for one tag is cut; show it as it is
+        reasons = [tags[TAG_GATE_REASONS]]
+    return {
+        "study_run_id": study_run_id,
+        "comparison": comparison.to_markdown(),
+        "gate_passed": tags.get(TAG_GATE_PASSED) == "true",
+        "gate_reasons": reasons,
+        "registry": registry,
+    }
 
 
 def run_local(
@@ -204,6 +259,7 @@ def run_local(
             raise
     record = {"corpus_uri": corpus_uri, "params": str(params_path.resolve())}
     record.update(_record_from_outputs(task.outputs))
+    record["decision"] = _decision(record, outputs, params)
     _copy_report(record, outputs)
     _write_record(last_run, record)
     _print_record(record, last_run)

@@ -1,4 +1,5 @@
-"""The sermtl Kubeflow DAG: ingest -> validate -> train every (system, fold) -> collect the study.
+"""The sermtl Kubeflow DAG: ingest -> validate -> train every (system, fold) -> collect the study ->
+test significance -> registration gate -> (if passed) register the proposed model as `challenger`.
 
 The whole params.yaml travels as one string parameter so that the cluster run and the local run
 read exactly the same settings as the DVC stages and the CLI.
@@ -12,6 +13,7 @@ from kfp import compiler, dsl
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics
 
 from components.collect import collect_study
+from components.decide import register_model, registration_gate, test_significance
 from components.ingest import ingest_corpus
 from components.train import plan_study, train_system_fold
 from components.validate import validate_corpus
@@ -24,6 +26,9 @@ VALIDATE_RESOURCES = {"cpu": "1", "memory": "2Gi"}
 PLAN_RESOURCES = {"cpu": "0.5", "memory": "512Mi"}
 TRAIN_RESOURCES = {"cpu": "4", "memory": "16Gi"}
 COLLECT_RESOURCES = {"cpu": "1", "memory": "4Gi"}
+SIGNIFICANCE_RESOURCES = {"cpu": "1", "memory": "2Gi"}
+GATE_RESOURCES = {"cpu": "0.5", "memory": "1Gi"}
+REGISTER_RESOURCES = {"cpu": "1", "memory": "4Gi"}
 
 # Keep third-party telemetry off in every task, locally and on the cluster.
 TASK_ENV = {"GX_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
@@ -37,6 +42,9 @@ class PipelineOutputs(NamedTuple):
     study_results: Dataset
     results_report: HTML
     results_table: Markdown
+    significance: Dataset
+    significance_report: HTML
+    significance_table: Markdown
 
 
 def _configure(task: dsl.PipelineTask, display_name: str, resources: dict[str, str]) -> dsl.PipelineTask:
@@ -51,7 +59,9 @@ def _configure(task: dsl.PipelineTask, display_name: str, resources: dict[str, s
     name=PIPELINE_NAME,
     description=(
         "Speech emotion recognition (attention-augmented multi-task learning): ingest the "
-        "IEMOCAP-layout corpus into the training audio store, then validate it with great-expectations."
+        "IEMOCAP-layout corpus into the training audio store, validate it with great-expectations, train "
+        "the proposed system and its baselines leave-one-session-out, test significance, and register the "
+        "proposed model in MLflow if it passes the gate."
     ),
 )
 def sermtl_pipeline(corpus_uri: str, params_yaml: str, data_version: str = "") -> PipelineOutputs:
@@ -91,6 +101,31 @@ def sermtl_pipeline(corpus_uri: str, params_yaml: str, data_version: str = "") -
         "Collect study",
         COLLECT_RESOURCES,
     )
+    significance = _configure(
+        test_significance(study_results=collect.outputs["study_results"], params_yaml=params_yaml),
+        "Test significance",
+        SIGNIFICANCE_RESOURCES,
+    )
+    gate = _configure(
+        registration_gate(
+            significance=significance.outputs["significance"],
+            study_results=collect.outputs["study_results"],
+            params_yaml=params_yaml,
+        ),
+        "Registration gate",
+        GATE_RESOURCES,
+    )
+    with dsl.If(gate.output == "passed", name="gate-passed"):
+        _configure(
+            register_model(
+                proposed_runs=collect.outputs["proposed_runs"],
+                significance=significance.outputs["significance"],
+                study_results=collect.outputs["study_results"],
+                params_yaml=params_yaml,
+            ),
+            "Register model",
+            REGISTER_RESOURCES,
+        )
     return PipelineOutputs(
         corpus_store=ingest.outputs["corpus_store"],
         validation_report=validate.outputs["validation_report"],
@@ -99,6 +134,9 @@ def sermtl_pipeline(corpus_uri: str, params_yaml: str, data_version: str = "") -
         study_results=collect.outputs["study_results"],
         results_report=collect.outputs["results_report"],
         results_table=collect.outputs["results_table"],
+        significance=significance.outputs["significance"],
+        significance_report=significance.outputs["significance_report"],
+        significance_table=significance.outputs["significance_table"],
     )
 
 

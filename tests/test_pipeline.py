@@ -21,9 +21,12 @@ from components import SERMTL_IMAGE  # noqa: E402
 from pipelines.run_local import LAST_RUN_FILE, run_local  # noqa: E402
 from pipelines.sermtl_pipeline import (  # noqa: E402
     COLLECT_RESOURCES,
+    GATE_RESOURCES,
     INGEST_RESOURCES,
     PIPELINE_NAME,
     PLAN_RESOURCES,
+    REGISTER_RESOURCES,
+    SIGNIFICANCE_RESOURCES,
     TRAIN_RESOURCES,
     VALIDATE_RESOURCES,
     compile_pipeline,
@@ -47,6 +50,10 @@ def tiny_params(tmp_path: Path, **data_overrides: object) -> Path:
     raw["data"].update(data_overrides)
     raw["systems"] = {name: raw["systems"][name] for name in TINY_SYSTEMS}
     raw["profiles"]["demo"]["train"].update(max_epochs=2, early_stopping_patience=1)
+    raw["significance"].update(baselines=["egemaps_linear"], resamples=2000)
+    # Two epochs on 60 utterances prove nothing: let the gate pass unless the model is significantly
+    # worse, so that the registration branch of the DAG runs too.
+    raw["registry"]["gate"].update(min_dimensions_better=0, max_comparisons_worse=0)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -78,7 +85,16 @@ def test_compiled_dag_structure(compiled: dict) -> None:
         "data_version": {"defaultValue": "", "isOptional": True, "parameterType": "STRING"},
     }
     tasks = root["dag"]["tasks"]
-    assert set(tasks) == {"ingest-corpus", "validate-corpus", "plan-study", "for-loop-1", "collect-study"}
+    assert set(tasks) == {
+        "ingest-corpus",
+        "validate-corpus",
+        "plan-study",
+        "for-loop-1",
+        "collect-study",
+        "test-significance",
+        "registration-gate",
+        "condition-2",
+    }
     assert tasks["ingest-corpus"]["taskInfo"]["name"] == "Ingest corpus"
     assert tasks["validate-corpus"]["taskInfo"]["name"] == "Validate corpus"
     assert "dependentTasks" not in tasks["ingest-corpus"]
@@ -101,6 +117,26 @@ def test_compiled_dag_structure(compiled: dict) -> None:
         "study_results",
         "results_report",
         "results_table",
+        "significance",
+        "significance_report",
+        "significance_table",
+    }
+
+
+def test_compiled_decisions_register_only_after_a_passed_gate(compiled: dict) -> None:
+    tasks = compiled["root"]["dag"]["tasks"]
+    assert tasks["test-significance"]["inputs"]["artifacts"]["study_results"] == {
+        "taskOutputArtifact": {"outputArtifactKey": "study_results", "producerTask": "collect-study"}
+    }
+    assert set(tasks["registration-gate"]["dependentTasks"]) == {"collect-study", "test-significance"}
+    condition = tasks["condition-2"]
+    assert condition["taskInfo"]["name"] == "gate-passed"
+    assert condition["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--registration-gate-Output'] == 'passed'"
+    )
+    register = compiled["components"]["comp-condition-2"]["dag"]["tasks"]["register-model"]
+    assert register["inputs"]["artifacts"]["proposed_runs"] == {
+        "componentInputArtifact": "pipelinechannel--collect-study-proposed_runs"
     }
 
 
@@ -139,6 +175,9 @@ def test_compiled_executors_image_resources_env(compiled: dict) -> None:
         "exec-plan-study": PLAN_RESOURCES,
         "exec-train-system-fold": TRAIN_RESOURCES,
         "exec-collect-study": COLLECT_RESOURCES,
+        "exec-test-significance": SIGNIFICANCE_RESOURCES,
+        "exec-registration-gate": GATE_RESOURCES,
+        "exec-register-model": REGISTER_RESOURCES,
     }
     assert set(executors) == set(expected)
     for name, resources in expected.items():
@@ -209,9 +248,29 @@ def test_run_local_end_to_end(
     client = mlflow.MlflowClient(tracking)
     runs = client.search_runs(client.get_experiment_by_name("sermtl").experiment_id)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1 and len(runs) == 1 + len(TINY_SYSTEMS) * 5
+    registration = [r for r in runs if r.info.run_name == "registration"]
+    assert len(parents) == 1 and len(registration) == 1
+    assert len(runs) == 2 + len(TINY_SYSTEMS) * 5
     assert parents[0].data.tags["sermtl.data_version"].startswith("ingest:")
-    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs if r not in parents)
+    children = [r for r in runs if r not in parents]
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+
+    # Decisions: significance on the pooled predictions, the gate, the registration, all in MLflow.
+    significance = json.loads((Path(record["significance"]) / "significance.json").read_text())
+    assert significance["proposed"] == "mtl_attention" and significance["baselines"] == ["egemaps_linear"]
+    assert Path(record["significance_report_html"]).is_file() and Path(record["comparison_html"]).is_file()
+    study = parents[0]
+    assert study.data.tags["sermtl.gate.passed"] == "true"
+    assert study.data.tags["sermtl.registry.version"] == "1"
+    version = client.get_model_version_by_alias("sermtl-ser", "challenger")
+    assert str(version.version) == "1" and version.tags["sermtl.study_run_id"] == study.info.run_id
+    assert {"significance/significance.json", "comparison/comparison.html"} <= {
+        f"{folder.path}/{item.path.split('/')[-1]}"
+        for folder in client.list_artifacts(study.info.run_id)
+        if folder.is_dir
+        for item in client.list_artifacts(study.info.run_id, folder.path)
+    }
+    assert "registration gate passed" in printed and "challenger" in printed
 
 
 @pytest.mark.slow

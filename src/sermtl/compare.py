@@ -240,7 +240,10 @@ def _children(mlflow_client: MlflowClient, parent: Run) -> list[Run]:
         [parent.info.experiment_id],
         filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent.info.run_id}'",
     )
-    children = [run for run in runs if tracking.TAG_SYSTEM in run.data.tags]
+    # (system, fold) runs only: the registration run is a child of the study too, with no fold.
+    children = [
+        run for run in runs if tracking.TAG_SYSTEM in run.data.tags and tracking.TAG_FOLD in run.data.tags
+    ]
     if not children:
         raise CompareError(
             f"study {parent.info.run_id} ({parent.info.run_name}) has no (system, fold) child runs"

@@ -11,9 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sermtl.fsutil import write_json
 from sermtl.params import params_from_yaml
 
 PARAMS_WHERE = "params_yaml (pipeline parameter)"
+STUDY_FILE = "study.json"  # in the collect step's output: the study's MLflow run id and data version
 # Ingest report fields put on the corpus-store artifact; the long per-file lists stay in report.json.
 INGEST_METADATA_KEYS = (
     "source",
@@ -199,6 +201,23 @@ def train_step(
     return flat_metrics({"all": result["evaluation"]["all"]}, prefix="test_")
 
 
+def link_runs(run_dirs: list[str], train_dir: Path) -> Path:
+    """Lay KFP's flat list of run folders out as <train_dir>/<system>/fold<k> (symlinks), as the CLI has them.
+
+    Each run names its (system, fold) in metrics.json.
+    """
+    from sermtl.schema import RUN_METRICS_FILE
+
+    for run in run_dirs:
+        meta = _read_json(Path(run) / RUN_METRICS_FILE)
+        if "system" not in meta or "fold" not in meta:
+            raise FileNotFoundError(f"{run}: no {RUN_METRICS_FILE} naming its system and fold")
+        link = train_dir / meta["system"] / f"fold{meta['fold']}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(run).resolve(), target_is_directory=True)
+    return train_dir
+
+
 def collect_step(
     run_dirs: list[str],
     store_dir: str | Path,
@@ -210,8 +229,12 @@ def collect_step(
     data_version: str = "",
     pipeline_run_id: str = "",
     track: bool = True,
+    proposed_dir: str | Path | None = None,
 ) -> dict[str, float]:
     """Results table of the study from the ParallelFor's run folders, logged to MLflow as one study.
+
+    ``proposed_dir`` receives a copy of the proposed system's fold runs (<system>/fold<k>), what the
+    register step needs, so that it does not have to gather the ParallelFor's outputs again.
 
     KFP hands the runs over as a flat list of folders; each names its (system, fold) in metrics.json,
     so they are linked into the artifacts/train/<system>/fold<k> layout that `sermtl results` reads.
@@ -219,28 +242,131 @@ def collect_step(
     import tempfile
 
     from sermtl.results import RESULTS_HTML, RESULTS_MARKDOWN, collect_results
-    from sermtl.schema import RUN_METRICS_FILE
 
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
     with tempfile.TemporaryDirectory(prefix="sermtl-study-") as scratch:
-        train_dir = Path(scratch) / "train"
-        for run in run_dirs:
-            meta = _read_json(Path(run) / RUN_METRICS_FILE)
-            if "system" not in meta or "fold" not in meta:
-                raise FileNotFoundError(f"{run}: no {RUN_METRICS_FILE} naming its system and fold")
-            link = train_dir / meta["system"] / f"fold{meta['fold']}"
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(Path(run).resolve(), target_is_directory=True)
+        train_dir = link_runs(run_dirs, Path(scratch) / "train")
         table = collect_results(train_dir, Path(results_dir), params)
+        version = study_data_version(data_version, store_dir=store_dir)
+        study = {"data_version": version, "pipeline_run_id": pipeline_run_id, "study_run_id": ""}
         if track:
             from sermtl.tracking import track_study
 
-            version = study_data_version(data_version, store_dir=store_dir)
-            track_study(
+            study["study_run_id"] = track_study(
                 train_dir, Path(store_dir), Path(results_dir), table, params, version, pipeline_run_id
             )
+        write_json(Path(results_dir) / STUDY_FILE, study)  # what the decision steps need of the study
+        if proposed_dir is not None:
+            import shutil
+
+            from sermtl.fsutil import atomic_directory
+
+            system = params.eval.proposed_system
+            with atomic_directory(Path(proposed_dir)) as staging:
+                shutil.copytree(train_dir / system, staging / system, symlinks=False)
     for source, target in ((RESULTS_HTML, report_html), (RESULTS_MARKDOWN, table_markdown)):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Path(target).write_text((Path(results_dir) / source).read_text())
     pooled = table[table["subset"] == "all"]
     return {f"pooled_uar_{row.system}_{row.dimension}": float(row.pooled_uar) for row in pooled.itertuples()}
+
+
+def read_study(results_dir: str | Path) -> dict[str, str]:
+    """The collect step's study.json: study_run_id ("" when untracked), data_version, pipeline_run_id."""
+    path = Path(results_dir) / STUDY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no study record (the collect step writes it)")
+    return {key: str(value) for key, value in _read_json(path).items()}
+
+
+def significance_step(
+    results_dir: str | Path,
+    params_yaml: str,
+    out_dir: str | Path,
+    report_html: str | Path,
+    table_markdown: str | Path,
+    *,
+    track: bool = True,
+) -> dict[str, float]:
+    """Paired tests of the proposed system against each baseline on the study's pooled predictions.
+
+    Writes significance.{json,md,html} to ``out_dir``, copies the page and table to the KFP outputs,
+    logs them on the study's MLflow run, and returns the corrected p-values and differences as metrics.
+    """
+    import pandas as pd
+
+    from sermtl.metrics import validate_predictions
+    from sermtl.results import POOLED_PREDICTIONS
+    from sermtl.schema import SIGNIFICANCE_HTML, SIGNIFICANCE_MARKDOWN
+    from sermtl.significance import significance_tests, write_report
+
+    params = params_from_yaml(params_yaml, PARAMS_WHERE)
+    path = Path(results_dir) / POOLED_PREDICTIONS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no pooled predictions (the collect step writes them)")
+    report = significance_tests(validate_predictions(pd.read_parquet(path), str(path)), params)
+    write_report(report, Path(out_dir))
+    for source, target in ((SIGNIFICANCE_HTML, report_html), (SIGNIFICANCE_MARKDOWN, table_markdown)):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text((Path(out_dir) / source).read_text())
+    study_run_id = read_study(results_dir)["study_run_id"]
+    if track and study_run_id:
+        from sermtl.compare import log_significance
+
+        log_significance(study_run_id, Path(out_dir))
+    metrics = {}
+    for c in report.comparisons:
+        key = f"{c.baseline}_{c.dimension}"
+        metrics[f"uar_difference_{key}"] = float(c.difference)
+        metrics.update({f"p_{test}_{key}": float(p) for test, p in c.p_adjusted.items()})
+    return metrics
+
+
+GATE_PASSED, GATE_FAILED = "passed", "failed"
+
+
+def gate_step(significance_dir: str | Path, results_dir: str | Path, params_yaml: str) -> tuple[str, str]:
+    """The registration gate on the significance report: ("passed" | "failed", the reasons as text).
+
+    A failed gate is recorded on the study's MLflow run here (nothing downstream runs); a passed one is
+    recorded by the register step together with the registration.
+    """
+    from sermtl.registry import gate_decision, record_gate_decision
+    from sermtl.significance import read_report
+
+    params = params_from_yaml(params_yaml, PARAMS_WHERE)
+    decision = gate_decision(read_report(Path(significance_dir)), params.registry.gate)
+    study_run_id = read_study(results_dir)["study_run_id"]
+    if study_run_id and not decision.passed:
+        record_gate_decision(study_run_id, decision, params)
+    return (GATE_PASSED if decision.passed else GATE_FAILED), "\n".join(decision.reasons)
+
+
+def register_step(
+    train_dir: str | Path, significance_dir: str | Path, results_dir: str | Path, params_yaml: str
+) -> dict[str, str]:
+    """Register the proposed system's fold ensemble as the `challenger` version (after a passed gate).
+
+    ``train_dir`` holds <proposed system>/fold<k> (the collect step's copy, or a CLI train dir).
+    """
+    from sermtl.registry import register_study_model
+    from sermtl.significance import read_report
+
+    params = params_from_yaml(params_yaml, PARAMS_WHERE)
+    study = read_study(results_dir)
+    if not study["study_run_id"]:
+        raise RuntimeError(f"{results_dir}: the study was not tracked in MLflow: nothing to register")
+    result = register_study_model(
+        study["study_run_id"],
+        Path(train_dir),
+        read_report(Path(significance_dir)),
+        params,
+        data_version=study["data_version"] or None,
+        pipeline_run_id=study["pipeline_run_id"] or None,
+    )
+    return {
+        "model_name": result.name,
+        "version": str(result.version or ""),
+        "model_uri": str(result.model_uri or ""),
+        "reused": str(result.reused).lower(),
+    }
