@@ -14,13 +14,15 @@ def collect_study(
     params_yaml: str,
     data_version: str,
     pipeline_run_id: str,
+    pipeline_task: str,
     study_results: Output[Dataset],
     results_report: Output[HTML],
     results_table: Output[Markdown],
     study_metrics: Output[Metrics],
     proposed_runs: Output[Model],
 ) -> None:
-    """Pool every run into the results table (JSON/Markdown/HTML) and log the study to MLflow."""
+    """Pool every run into the results table (JSON/Markdown/HTML) and log the study to MLflow, its runs
+    tagged with the KFP run (pipeline_run_id) and task (pipeline_task) that logged them."""
     from sermtl.pipeline_runner import collect_step
 
     metrics = collect_step(
@@ -32,6 +34,7 @@ def collect_study(
         results_table.path,
         data_version=data_version,
         pipeline_run_id=pipeline_run_id,
+        pipeline_task=pipeline_task,
         proposed_dir=proposed_runs.path,
     )
     for name, value in metrics.items():

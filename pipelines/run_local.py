@@ -217,7 +217,7 @@ def run_local(
     """
     from kfp import local
 
-    from pipelines.sermtl_pipeline import sermtl_pipeline
+    from pipelines.sermtl_pipeline import build_pipeline, without_retries
     from sermtl.params import load_params
     from sermtl.pipeline_runner import dvc_data_version
 
@@ -245,7 +245,7 @@ def run_local(
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         try:
-            task = sermtl_pipeline(
+            task = build_pipeline(without_retries(params.cluster))(
                 corpus_uri=corpus_uri,
                 params_yaml=params_yaml,
                 data_version=dvc_data_version(corpus_uri, REPO_ROOT),

@@ -18,8 +18,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # components/ and pipelines/ are top-level packages of the repo
     sys.path.insert(0, str(REPO_ROOT))
 
-from components import SERMTL_IMAGE  # noqa: E402
-from components.ingest import ingest_corpus  # noqa: E402
+from components import DEFAULT_IMAGE, SERMTL_IMAGE, cuda_variant, decide, resolve_images  # noqa: E402
+from components.collect import collect_study  # noqa: E402
+from components.ingest import fingerprint_corpus, ingest_corpus  # noqa: E402
+from components.train import plan_study, train_system_fold  # noqa: E402
 from components.validate import validate_corpus  # noqa: E402
 from sermtl.pipeline_runner import ValidationFailed, render_report, validation_metrics  # noqa: E402
 from sermtl.schema import AUDIO_FILE, MANIFEST_FILE, REPORT_FILE  # noqa: E402
@@ -51,13 +53,31 @@ def ingested(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Dat
     """The ingest component's output artifact, produced once for the module."""
     store = Dataset(name="corpus_store", uri=str(tmp_path_factory.mktemp("ingest") / "corpus_store"))
     ingest_corpus.python_func(
-        corpus_uri=str(tiny_corpus), params_yaml=tiny_params_yaml(tiny_corpus), corpus_store=store
+        corpus_uri=str(tiny_corpus),
+        params_yaml=tiny_params_yaml(tiny_corpus),
+        data_version="dvc:0123abcd",
+        corpus_fingerprint="listing:feedbeef",
+        corpus_store=store,
     )
     return store
 
 
+# Every component (decide's by module: pytest would collect a `test_significance` name as a test).
+ALL_COMPONENTS = (
+    fingerprint_corpus,
+    ingest_corpus,
+    validate_corpus,
+    plan_study,
+    train_system_fold,
+    collect_study,
+    decide.test_significance,
+    decide.registration_gate,
+    decide.register_model,
+)
+
+
 def test_components_use_the_project_image_without_installs() -> None:
-    for component in (ingest_corpus, validate_corpus):
+    for component in ALL_COMPONENTS:
         container = component.component_spec.implementation.container
         assert container.image == SERMTL_IMAGE
         command = " ".join(container.command)
@@ -76,9 +96,48 @@ def test_ingest_component_writes_store_and_metadata(ingested: Dataset, tiny_corp
     assert meta["source"] == str(tiny_corpus)
     assert meta["sample_rate"] == 16000
     assert "drops" not in meta, "per-file drop examples stay in report.json, not on the artifact"
+    assert meta["data_version"] == "dvc:0123abcd" and meta["corpus_fingerprint"] == "listing:feedbeef"
     json.dumps(meta)  # artifact metadata must be JSON-serialisable
     report = json.loads((store / REPORT_FILE).read_text())
     assert report["kept"] == meta["kept"]
+
+
+def test_fingerprint_component_changes_with_the_corpus_listing(tmp_path: Path) -> None:
+    """The fingerprint keys ingest's cache: a file added or rewritten in place changes it."""
+    corpus = tmp_path / "IEMOCAP_full_release"  # only the listing is read: any files will do
+    wav = corpus / "Session1" / "sentences" / "wav" / "a.wav"
+    wav.parent.mkdir(parents=True)
+    wav.write_bytes(b"RIFF0000")
+    (corpus / "Session1" / "notes.txt").write_text("x")
+    params_yaml = tiny_params_yaml(corpus)
+    first = fingerprint_corpus.python_func(corpus_uri=str(corpus), params_yaml=params_yaml)
+    assert first.startswith("listing:") and len(first) == len("listing:") + 64
+    assert fingerprint_corpus.python_func(corpus_uri=str(corpus), params_yaml=params_yaml) == first
+    wav.write_bytes(b"RIFF0001extra")  # same path, other content
+    second = fingerprint_corpus.python_func(corpus_uri=str(corpus), params_yaml=params_yaml)
+    assert second != first
+    (corpus / "Session1" / "extra.txt").write_text("new file")
+    assert fingerprint_corpus.python_func(corpus_uri=str(corpus), params_yaml=params_yaml) != second
+
+
+def test_cuda_image_names() -> None:
+    assert cuda_variant("ghcr.io/sermtl/sermtl:0.1.0") == "ghcr.io/sermtl/sermtl:0.1.0-cuda"
+    assert cuda_variant("localhost:5000/sermtl") == "localhost:5000/sermtl:latest-cuda"
+    with pytest.raises(ValueError, match="pinned by digest"):
+        cuda_variant("ghcr.io/sermtl/sermtl@sha256:" + "a" * 64)
+
+
+def test_image_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """$SERMTL_IMAGE / $SERMTL_CUDA_IMAGE, else params.yaml's cluster.images, else the default."""
+    monkeypatch.delenv("SERMTL_IMAGE", raising=False)
+    monkeypatch.delenv("SERMTL_CUDA_IMAGE", raising=False)
+    assert resolve_images() == (DEFAULT_IMAGE, DEFAULT_IMAGE + "-cuda")
+    assert resolve_images("r/s:1") == ("r/s:1", "r/s:1-cuda")
+    assert resolve_images("r/s:1", "r/s-gpu:1") == ("r/s:1", "r/s-gpu:1")
+    monkeypatch.setenv("SERMTL_IMAGE", "ci/s:2-abc")
+    assert resolve_images("r/s:1") == ("ci/s:2-abc", "ci/s:2-abc-cuda")
+    monkeypatch.setenv("SERMTL_CUDA_IMAGE", "ci/s-gpu:2")
+    assert resolve_images("r/s:1", "r/s-gpu:1") == ("ci/s:2-abc", "ci/s-gpu:2")
 
 
 def test_validate_component_passes_on_tiny_corpus(

@@ -193,21 +193,45 @@ def test_manifests_hold_pipeline_and_version(tmp_path: Path, compiled: kfp_clien
 
 
 def test_no_credentials_in_compiled_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials reach the tasks only as references to the Kubernetes Secrets (names and keys)."""
+    clean = compile_version(tmp_path / "clean", GOLDEN_PARAMS, version="sermtl-secrets-test")
     secrets = {
         "AWS_ACCESS_KEY_ID": "AKIAFAKEACCESSKEY0001",
         "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-5f9c2e7b41",
+        "AWS_SESSION_TOKEN": "fake-aws-session-token-0c3d",
+        "AWS_ENDPOINT_URL": "http://s3user:s3pass-4e1f@seaweed.example:8333",
         "MLFLOW_TRACKING_USERNAME": "fake-mlflow-user-7d1",
         "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-password-83ac",
         "MLFLOW_TRACKING_URI": "http://trackuser:trackpass-91b2@mlflow.example:5000",
+        "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-2a9e",
         "KFP_TOKEN": TOKEN,
     }
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
-    version = compile_version(tmp_path, GOLDEN_PARAMS, version="sermtl-secrets-test")
+    version = compile_version(tmp_path / "env", GOLDEN_PARAMS, version="sermtl-secrets-test")
     for path in (version.pipeline_path, version.manifests_path):
         text = path.read_text()
-        for value in [*secrets.values(), "trackpass-91b2", "trackuser"]:
+        for value in [*secrets.values(), "trackpass-91b2", "trackuser", "s3pass-4e1f", "s3user"]:
             assert value not in text, f"{value!r} leaked into {path.name}"
+    # The environment of the compiling process changes nothing in the outputs...
+    assert version.pipeline_path.read_bytes() == clean.pipeline_path.read_bytes()
+    assert version.manifests_path.read_bytes() == clean.manifests_path.read_bytes()
+    # ...and the tasks get their credentials by reference to the Secrets of infra/k8s/README.md.
+    platform = version.ir()[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    references = {
+        (executor, ref["secretName"], item["secretKey"], item["envVar"])
+        for executor, config in platform.items()
+        for ref in config.get("secretAsEnv", [])
+        for item in ref["keyToEnv"]
+    }
+    assert ("exec-ingest-corpus", "sermtl-s3", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY") in references
+    assert (
+        "exec-collect-study",
+        "sermtl-mlflow",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_PASSWORD",
+    ) in references
+    assert {secret for _, secret, _, _ in references} == {"sermtl-s3", "sermtl-mlflow"}
 
 
 def test_compile_refuses_broken_params(tmp_path: Path) -> None:
@@ -356,7 +380,9 @@ def test_submit_uploads_the_version_and_starts_the_run(
     assert result.run_id == server.runs[result.run_id]["run_id"]
     assert result.run_url == f"{server.url}/#/runs/details/{result.run_id}"
     stored = server.versions[result.upload.version_id]
-    assert stored["name"] == compiled.name and stored["pipeline_spec"] == compiled.ir()[0]
+    # With a PlatformSpec (kfp-kubernetes settings) the API stores both, nested.
+    assert stored["name"] == compiled.name
+    assert stored["pipeline_spec"] == {"pipeline_spec": compiled.ir()[0], "platform_spec": compiled.ir()[1]}
 
 
 def test_second_submit_reuses_pipeline_version_and_experiment(
@@ -546,3 +572,31 @@ def test_cli_errors(tmp_path: Path, server: FakeKfpServer, pinned_commit: str) -
         app, ["pipeline", "submit", *common[:-1], "not-the-token", "--param", f"corpus_uri={CORPUS}"]
     )
     assert result.exit_code == 2 and "401" in result.output and "not-the-token" not in result.output
+
+
+def test_compiled_bytes_do_not_depend_on_oyaml_being_imported(tmp_path: Path) -> None:
+    """opensmile imports oyaml, which makes every PyYAML Dumper keep insertion order process-wide."""
+    plain = compile_version(
+        tmp_path / "plain", GOLDEN_PARAMS, version=GOLDEN_VERSION
+    ).pipeline_path.read_bytes()
+    import oyaml  # noqa: F401  (the side effect is the point)
+
+    assert yaml.dump({"b": 1, "a": 2}) == "b: 1\na: 2\n", "oyaml's patch is active in this process"
+    patched = compile_version(
+        tmp_path / "oyaml", GOLDEN_PARAMS, version=GOLDEN_VERSION
+    ).pipeline_path.read_bytes()
+    assert patched == plain
+    assert yaml.dump({"b": 1, "a": 2}) == "b: 1\na: 2\n", "compiling leaves the process's YAML as it found it"
+
+
+def test_compile_takes_the_cluster_section_of_the_given_params(tmp_path: Path) -> None:
+    """`sermtl pipeline compile --params X`: X's cluster settings shape the DAG, not the repository's."""
+    raw = yaml.safe_load(GOLDEN_PARAMS.read_text())
+    raw["cluster"] = {"gpu": {"enabled": False}, "retry": {"count": 4}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    version = compile_version(tmp_path / "out", params, version="sermtl-no-gpu")
+    spec = next(yaml.safe_load_all(version.pipeline_path.read_text()))
+    train = spec["deploymentSpec"]["executors"]["exec-train-system-fold"]["container"]
+    assert "accelerator" not in train.get("resources", {})
+    assert spec["root"]["dag"]["tasks"]["plan-study"]["retryPolicy"]["maxRetryCount"] == 4

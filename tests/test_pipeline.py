@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,19 +18,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # components/ and pipelines/ are top-level packages of the repo
     sys.path.insert(0, str(REPO_ROOT))
 
-from components import SERMTL_IMAGE  # noqa: E402
+from components import resolve_images  # noqa: E402
 from pipelines.run_local import LAST_RUN_FILE, run_local  # noqa: E402
 from pipelines.sermtl_pipeline import (  # noqa: E402
-    COLLECT_RESOURCES,
-    GATE_RESOURCES,
-    INGEST_RESOURCES,
+    CLUSTER,
     PIPELINE_NAME,
-    PLAN_RESOURCES,
-    REGISTER_RESOURCES,
-    SIGNIFICANCE_RESOURCES,
-    TRAIN_RESOURCES,
-    VALIDATE_RESOURCES,
+    STEP_SECRETS,
+    cluster_params,
     compile_pipeline,
+    without_retries,
+)
+from sermtl.params import (  # noqa: E402
+    ClusterParams,
+    GpuParams,
+    ParamsError,
+    StepParams,
+    TolerationParams,
+    load_params,
+    params_from_yaml,
 )
 
 TINY_UTTERANCES = 60
@@ -69,10 +75,78 @@ def local_config() -> Iterator[None]:
     config.LocalExecutionConfig.instance = None
 
 
+# step (cluster.steps.<step>) -> its task's executor in the compiled YAML
+EXECUTORS = {
+    "fingerprint": "exec-fingerprint-corpus",
+    "ingest": "exec-ingest-corpus",
+    "validate": "exec-validate-corpus",
+    "plan": "exec-plan-study",
+    "train": "exec-train-system-fold",
+    "collect": "exec-collect-study",
+    "significance": "exec-test-significance",
+    "gate": "exec-registration-gate",
+    "register": "exec-register-model",
+}
+# The Secrets and keys infra/k8s/README.md defines for pipeline tasks, and where their templates are.
+SECRETS_DIR = REPO_ROOT / "infra" / "k8s" / "secrets"
+SECRET_TEMPLATES = {"sermtl-mlflow": "mlflow-client.env.example", "sermtl-s3": "s3-client.env.example"}
+MLFLOW_SECRET = (
+    "sermtl-mlflow",
+    {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+)
+S3_SECRET = (
+    "sermtl-s3",
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"},
+)
+EXPECTED_SECRETS = {
+    "exec-fingerprint-corpus": [S3_SECRET],
+    "exec-ingest-corpus": [S3_SECRET],
+    "exec-collect-study": [MLFLOW_SECRET],
+    "exec-test-significance": [MLFLOW_SECRET],
+    "exec-registration-gate": [MLFLOW_SECRET],
+    "exec-register-model": [MLFLOW_SECRET],
+}
+NOT_CACHED_TASKS = {
+    "fingerprint-corpus",
+    "collect-study",
+    "test-significance",
+    "registration-gate",
+    "register-model",
+}
+
+
+def _load(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    path = compile_pipeline(tmp_path_factory.mktemp("compiled") / "sermtl.yaml")
-    return yaml.safe_load(path.read_text())
+def compiled_docs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The compiled YAML's documents: the PipelineSpec, then the PlatformSpec (kfp-kubernetes settings)."""
+    return _load(compile_pipeline(tmp_path_factory.mktemp("compiled") / "sermtl.yaml"))
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_docs: list[dict]) -> dict:
+    return compiled_docs[0]
+
+
+@pytest.fixture(scope="module")
+def platform(compiled_docs: list[dict]) -> dict:
+    """executor label -> its kubernetes platform config."""
+    assert len(compiled_docs) == 2
+    return compiled_docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _all_tasks(compiled: dict) -> dict[str, dict]:
+    """Every task of the DAG by name, those inside the loop and the condition included."""
+    tasks = dict(compiled["root"]["dag"]["tasks"])
+    for component in compiled["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return {name: task for name, task in tasks.items() if "dag" not in compiled["components"][_ref(task)]}
+
+
+def _ref(task: dict) -> str:
+    return task["componentRef"]["name"]
 
 
 def test_compiled_dag_structure(compiled: dict) -> None:
@@ -86,6 +160,7 @@ def test_compiled_dag_structure(compiled: dict) -> None:
     }
     tasks = root["dag"]["tasks"]
     assert set(tasks) == {
+        "fingerprint-corpus",
         "ingest-corpus",
         "validate-corpus",
         "plan-study",
@@ -97,18 +172,18 @@ def test_compiled_dag_structure(compiled: dict) -> None:
     }
     assert tasks["ingest-corpus"]["taskInfo"]["name"] == "Ingest corpus"
     assert tasks["validate-corpus"]["taskInfo"]["name"] == "Validate corpus"
-    assert "dependentTasks" not in tasks["ingest-corpus"]
+    assert "dependentTasks" not in tasks["fingerprint-corpus"]
+    assert tasks["ingest-corpus"]["dependentTasks"] == ["fingerprint-corpus"]
     assert tasks["validate-corpus"]["dependentTasks"] == ["ingest-corpus"]
     assert tasks["validate-corpus"]["inputs"]["artifacts"]["corpus_store"] == {
         "taskOutputArtifact": {"outputArtifactKey": "corpus_store", "producerTask": "ingest-corpus"}
     }
-    for name in ("ingest-corpus", "validate-corpus", "plan-study", "collect-study"):
+    for name in ("fingerprint-corpus", "ingest-corpus", "validate-corpus", "plan-study", "collect-study"):
         assert tasks[name]["inputs"]["parameters"]["params_yaml"] == {
             "componentInputParameter": "params_yaml"
         }
-    assert tasks["ingest-corpus"]["inputs"]["parameters"]["corpus_uri"] == {
-        "componentInputParameter": "corpus_uri"
-    }
+    for name in ("fingerprint-corpus", "ingest-corpus"):
+        assert tasks[name]["inputs"]["parameters"]["corpus_uri"] == {"componentInputParameter": "corpus_uri"}
     assert set(root["outputDefinitions"]["artifacts"]) == {
         "corpus_store",
         "validation_report",
@@ -162,32 +237,228 @@ def test_compiled_study_fans_out_over_plan_and_collects(compiled: dict) -> None:
             "producerTask": "for-loop-1",
         }
     }
+    # The KFP run and task that log the study: MLflow tags sermtl.kfp_run_id / sermtl.kfp_task.
     assert collect["inputs"]["parameters"]["pipeline_run_id"] == {
         "runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}
+    }
+    assert collect["inputs"]["parameters"]["pipeline_task"] == {
+        "runtimeValue": {"constant": "{{$.pipeline_task_name}}"}
     }
 
 
 def test_compiled_executors_image_resources_env(compiled: dict) -> None:
     executors = compiled["deploymentSpec"]["executors"]
-    expected = {
-        "exec-ingest-corpus": INGEST_RESOURCES,
-        "exec-validate-corpus": VALIDATE_RESOURCES,
-        "exec-plan-study": PLAN_RESOURCES,
-        "exec-train-system-fold": TRAIN_RESOURCES,
-        "exec-collect-study": COLLECT_RESOURCES,
-        "exec-test-significance": SIGNIFICANCE_RESOURCES,
-        "exec-registration-gate": GATE_RESOURCES,
-        "exec-register-model": REGISTER_RESOURCES,
-    }
-    assert set(executors) == set(expected)
-    for name, resources in expected.items():
+    assert set(executors) == set(EXECUTORS.values())
+    cpu_image, cuda_image = resolve_images(CLUSTER.images.cpu, CLUSTER.images.cuda)
+    assert CLUSTER.gpu.enabled and cuda_image == cpu_image + "-cuda"
+    for step, name in EXECUTORS.items():
         container = executors[name]["container"]
-        assert container["image"] == SERMTL_IMAGE
-        assert container["resources"]["resourceCpuRequest"] == resources["cpu"]
-        assert container["resources"]["resourceMemoryRequest"] == resources["memory"]
+        settings = getattr(CLUSTER.steps, step)
+        assert container["image"] == (cuda_image if step == "train" else cpu_image), name
+        resources = container["resources"]
+        assert resources["resourceCpuRequest"] == settings.cpu, name
+        assert resources["resourceMemoryRequest"] == settings.memory, name
+        assert resources.get("resourceMemoryLimit", "") == settings.memory_limit, name
+        assert resources.get("resourceCpuLimit", "") == settings.cpu_limit, name
         assert "pip install" not in " ".join(container["command"])
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["GX_ANALYTICS_ENABLED"] == "false"
+        assert not {"AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"} & set(env), "only from Secrets"
+
+
+def test_repository_cluster_section_sizes_every_step() -> None:
+    """params.yaml sizes every step: requests and a memory limit; training asks for the most."""
+    cluster = load_params(REPO_ROOT / "params.yaml").cluster
+    assert cluster == CLUSTER == cluster_params()
+    steps = {step: getattr(cluster.steps, step) for step in EXECUTORS}
+    assert all(s.cpu and s.memory and s.memory_limit for s in steps.values())
+    assert steps["train"].cpu == "4" and steps["train"].memory == "16Gi"
+    assert cluster.secrets.mlflow.name == "sermtl-mlflow" and cluster.secrets.s3.name == "sermtl-s3"
+
+
+def test_compiled_gpu_request_on_training_only(compiled: dict, platform: dict) -> None:
+    executors = compiled["deploymentSpec"]["executors"]
+    accelerator = executors["exec-train-system-fold"]["container"]["resources"]["accelerator"]
+    assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["resourceCount"] == "1"
+    assert platform["exec-train-system-fold"]["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert "nodeSelector" not in platform["exec-train-system-fold"]  # params.yaml: {} (any GPU node)
+    for name in set(EXECUTORS.values()) - {"exec-train-system-fold"}:
+        assert "accelerator" not in executors[name]["container"]["resources"], name
+        assert not {"tolerations", "nodeSelector"} & set(platform.get(name, {})), name
+
+
+def test_gpu_settings_come_from_the_cluster_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SERMTL_IMAGE", raising=False)
+    monkeypatch.delenv("SERMTL_CUDA_IMAGE", raising=False)
+    cluster = params_from_yaml(
+        """
+cluster:
+  images: {cpu: registry.example/sermtl:1.2.3}
+  gpu:
+    accelerator_type: amd.com/gpu
+    limit: 2
+    node_selector: {cloud.google.com/gke-accelerator: nvidia-l4, pool: gpu}
+    tolerations:
+      - {key: dedicated, operator: Equal, value: ml, effect: NoExecute}
+      - {key: nvidia.com/gpu, operator: Exists, effect: ""}
+  steps: {train: {memory: 64Gi, retries: 5}}
+"""
+    ).cluster
+    assert cluster.steps.train == StepParams("4", "64Gi", "", "32Gi", 5), "unset keys keep train's defaults"
+    spec, platform_spec = _load(compile_pipeline(tmp_path / "gpu.yaml", cluster))
+    train = spec["deploymentSpec"]["executors"]["exec-train-system-fold"]["container"]
+    assert train["image"] == "registry.example/sermtl:1.2.3-cuda"
+    assert spec["deploymentSpec"]["executors"]["exec-plan-study"]["container"]["image"] == (
+        "registry.example/sermtl:1.2.3"
+    )
+    assert train["resources"]["accelerator"]["resourceType"] == "amd.com/gpu"
+    assert train["resources"]["accelerator"]["resourceCount"] == "2"
+    assert train["resources"]["resourceMemoryRequest"] == "64Gi"
+    k8s = platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-system-fold"]
+    assert k8s["nodeSelector"] == {"labels": {"cloud.google.com/gke-accelerator": "nvidia-l4", "pool": "gpu"}}
+    assert k8s["tolerations"] == [
+        {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"},
+        {"key": "nvidia.com/gpu", "operator": "Exists"},
+    ]
+    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["train-system-fold"]
+    assert loop["retryPolicy"]["maxRetryCount"] == 5
+    assert spec["root"]["dag"]["tasks"]["plan-study"]["retryPolicy"]["maxRetryCount"] == 2
+
+
+def test_cluster_without_gpus_trains_on_the_cpu_image(tmp_path: Path) -> None:
+    cluster = dataclasses.replace(CLUSTER, gpu=GpuParams(enabled=False, node_selector={"a": "b"}))
+    spec, platform_spec = _load(compile_pipeline(tmp_path / "cpu.yaml", cluster))
+    train = spec["deploymentSpec"]["executors"]["exec-train-system-fold"]["container"]
+    assert train["image"] == resolve_images(CLUSTER.images.cpu)[0]
+    assert "accelerator" not in train["resources"]
+    executors = platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert "exec-train-system-fold" not in executors
+
+
+def test_images_follow_the_environment_at_compile_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SERMTL_IMAGE", "registry.example/sermtl:0.2.0-abc1234")
+    monkeypatch.delenv("SERMTL_CUDA_IMAGE", raising=False)
+    spec = _load(compile_pipeline(tmp_path / "env.yaml", CLUSTER))[0]
+    images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
+    assert images.pop("exec-train-system-fold") == "registry.example/sermtl:0.2.0-abc1234-cuda"
+    assert set(images.values()) == {"registry.example/sermtl:0.2.0-abc1234"}
+    monkeypatch.setenv("SERMTL_CUDA_IMAGE", "registry.example/sermtl-gpu@sha256:" + "0" * 64)
+    spec = _load(compile_pipeline(tmp_path / "env2.yaml", CLUSTER))[0]
+    train = spec["deploymentSpec"]["executors"]["exec-train-system-fold"]["container"]
+    assert train["image"] == "registry.example/sermtl-gpu@sha256:" + "0" * 64
+
+
+def test_compiled_retries_on_every_task(compiled: dict) -> None:
+    tasks = _all_tasks(compiled)
+    assert set(tasks) == {name.removeprefix("exec-") for name in EXECUTORS.values()}
+    for name, task in tasks.items():
+        assert task["retryPolicy"] == {
+            "maxRetryCount": CLUSTER.retry.count,
+            "backoffDuration": f"{CLUSTER.retry.backoff_s}s",
+            "backoffFactor": CLUSTER.retry.backoff_factor,
+            "backoffMaxDuration": f"{CLUSTER.retry.backoff_max_s}s",
+        }, name
+    assert CLUSTER.retry.count >= 1
+
+
+def test_local_runs_do_not_retry(tmp_path: Path) -> None:
+    """run_local builds the DAG with without_retries: a failed local task fails at once."""
+    spec = _load(compile_pipeline(tmp_path / "local.yaml", without_retries(CLUSTER)))[0]
+    assert all(task.get("retryPolicy", {}).get("maxRetryCount", 0) == 0 for task in _all_tasks(spec).values())
+
+
+def test_compiled_caching(compiled: dict) -> None:
+    """Steps that write to MLflow, and the corpus fingerprint, always run; the others are cached."""
+    for name, task in _all_tasks(compiled).items():
+        assert task["cachingOptions"].get("enableCache", False) is (name not in NOT_CACHED_TASKS), name
+    ingest = compiled["root"]["dag"]["tasks"]["ingest-corpus"]["inputs"]["parameters"]
+    assert ingest["data_version"] == {"componentInputParameter": "data_version"}
+    assert ingest["corpus_fingerprint"] == {
+        "taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "fingerprint-corpus"}
+    }
+    definitions = compiled["components"]["comp-ingest-corpus"]["inputDefinitions"]["parameters"]
+    assert set(definitions) == {"corpus_uri", "params_yaml", "data_version", "corpus_fingerprint"}
+    assert not any(d.get("isOptional") for d in definitions.values()), "every cache-key input is wired"
+
+
+def test_compiled_secrets_by_reference(platform: dict) -> None:
+    """Each task that reads S3 or talks to MLflow gets its Secret as env vars, named as infra/k8s says."""
+    assert set(STEP_SECRETS) == {step for step, name in EXECUTORS.items() if name in EXPECTED_SECRETS}
+    for name in EXECUTORS.values():
+        refs = platform.get(name, {}).get("secretAsEnv", [])
+        found = [(ref["secretName"], {item["secretKey"] for item in ref["keyToEnv"]}) for ref in refs]
+        assert found == EXPECTED_SECRETS.get(name, []), name
+        for ref in refs:
+            assert all(item["secretKey"] == item["envVar"] for item in ref["keyToEnv"])
+            assert ref["optional"] is False  # a missing Secret or key stops the pod, loudly
+            template = (SECRETS_DIR / SECRET_TEMPLATES[ref["secretName"]]).read_text()
+            keys = {line.split("=", 1)[0] for line in template.splitlines() if "=" in line}
+            assert {item["secretKey"] for item in ref["keyToEnv"]} <= keys, ref["secretName"]
+
+
+def test_secret_name_can_be_left_out(tmp_path: Path) -> None:
+    secrets = dataclasses.replace(
+        CLUSTER.secrets, s3=dataclasses.replace(CLUSTER.secrets.s3, name="")
+    )  # e.g. S3 access through workload identity
+    cluster = dataclasses.replace(CLUSTER, secrets=secrets)
+    executors = _load(compile_pipeline(tmp_path / "no-s3.yaml", cluster))[1]["platforms"]["kubernetes"]
+    assert "secretAsEnv" not in executors["deploymentSpec"]["executors"].get("exec-ingest-corpus", {})
+    assert executors["deploymentSpec"]["executors"]["exec-collect-study"]["secretAsEnv"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cluster: {gpu: {limit: 0}}", r"cluster.gpu.limit: 0 is below the minimum 1"),
+        ("cluster: {gpu: {enabled: yes please}}", r"cluster.gpu.enabled: expected bool"),
+        ("cluster: {gpu: {node_selector: {pool: true}}}", r"cluster.gpu.node_selector.pool: expected str"),
+        (
+            "cluster: {gpu: {tolerations: [{key: a, operator: In}]}}",
+            r"cluster.gpu.tolerations\[0\].operator: 'In' is not one of Exists, Equal",
+        ),
+        (
+            "cluster: {gpu: {tolerations: [{effect: NoScheduel}]}}",
+            r"cluster.gpu.tolerations\[0\].effect: 'NoScheduel' is not one of NoSchedule",
+        ),
+        ("cluster: {steps: {trian: {cpu: '1'}}}", r"cluster.steps: unknown key\(s\) trian"),
+        (
+            "cluster: {steps: {train: {cpu: 4 cores}}}",
+            r"cluster.steps.train.cpu: '4 cores' is not a CPU quantity",
+        ),
+        ("cluster: {steps: {ingest: {memory: 4GB}}}", r"cluster.steps.ingest.memory: '4GB' is not a memory"),
+        ("cluster: {steps: {gate: {memory_limit: lots}}}", r"cluster.steps.gate.memory_limit: 'lots' is not"),
+        (
+            "cluster: {steps: {gate: {retries: -2}}}",
+            r"cluster.steps.gate.retries: -2 is below the minimum -1",
+        ),
+        ("cluster: {retry: {count: 1.5}}", r"cluster.retry.count: expected int"),
+        ("cluster: {retry: {backoff_factor: 0.5}}", r"cluster.retry.backoff_factor: 0.5 is below"),
+        ("cluster: {images: {gpu: x}}", r"cluster.images: unknown key\(s\) gpu; known: cpu, cuda"),
+        (
+            "cluster: {secrets: {mlflow: {env: {A: 1BAD}}}}",
+            r"cluster.secrets.mlflow.env.A: '1BAD' is not a valid",
+        ),
+        ("cluster: {secrets: {vault: {name: x}}}", r"cluster.secrets: unknown key\(s\) vault"),
+    ],
+)
+def test_bad_cluster_params_name_the_key(text: str, message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        params_from_yaml(text)
+
+
+def test_cluster_section_merges_with_profiles_and_defaults() -> None:
+    params = params_from_yaml(
+        "profile: cpu\ncluster: {retry: {count: 4}}\nprofiles:\n  cpu: {cluster: {gpu: {enabled: false}}}\n"
+    )
+    assert params.profile == "cpu" and params.extra == {}
+    assert params.cluster.gpu == GpuParams(enabled=False) and params.cluster.retry.count == 4
+    assert params.cluster.steps == ClusterParams().steps
+    assert params.cluster.gpu.tolerations == [TolerationParams()]
+    assert params_from_yaml("data: {}").cluster == ClusterParams()
 
 
 def test_compile_is_deterministic(tmp_path: Path) -> None:
@@ -233,6 +504,8 @@ def test_run_local_end_to_end(
     assert (Path(record["validation_docs"]) / "data_docs" / "index.html").is_file()
 
     assert record["ingest"]["kept"] == TINY_UTTERANCES and record["ingest"]["dropped"] == 0
+    assert record["ingest"]["corpus_fingerprint"].startswith("listing:")  # ingest's cache key
+    assert record["ingest"]["data_version"] == ""  # not DVC-tracked: the study falls back to ingest's
     assert isinstance(record["ingest"]["kept"], int), "protobuf's float widening is undone"
     assert record["validation"]["success"] is True
     for path in (str(store), str(report), str(outputs / LAST_RUN_FILE)):
@@ -254,6 +527,14 @@ def test_run_local_end_to_end(
     assert parents[0].data.tags["sermtl.data_version"].startswith("ingest:")
     children = [r for r in runs if r not in parents]
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    # The KFP run and task that logged the study, on the study run and (inherited) its fold runs.
+    kfp_run = parents[0].data.tags["sermtl.kfp_run_id"]
+    assert kfp_run and kfp_run == parents[0].data.tags["sermtl.pipeline_run_id"]
+    assert parents[0].data.tags["sermtl.kfp_task"] == "collect-study"
+    folds = [r for r in children if r.info.run_name != "registration"]
+    assert len(folds) == len(TINY_SYSTEMS) * 5
+    assert all(r.data.tags["sermtl.kfp_run_id"] == kfp_run for r in folds)
+    assert all(r.data.tags["sermtl.kfp_task"] == "collect-study" for r in folds)
 
     # Decisions: significance on the pooled predictions, the gate, the registration, all in MLflow.
     significance = json.loads((Path(record["significance"]) / "significance.json").read_text())

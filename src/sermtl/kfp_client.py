@@ -176,6 +176,31 @@ def _import_pipeline_module():
     ) from missing
 
 
+@contextlib.contextmanager
+def standard_yaml_dumpers() -> Iterator[None]:
+    """kfp's compiler relies on PyYAML sorting mapping keys. oyaml (imported by opensmile's audobject)
+    swaps the dict representer of every PyYAML Dumper for an insertion-order one, process-wide; restore
+    the standard one while compiling, so the compiled bytes do not depend on what was imported before."""
+    dumpers = [getattr(yaml.dumper, name) for name in yaml.dumper.__all__]
+    cyaml = getattr(yaml, "cyaml", None)
+    if cyaml is not None:
+        dumpers += [getattr(cyaml, name) for name in cyaml.__all__ if name.endswith("Dumper")]
+    saved = [(dumper, dumper.__dict__.get("yaml_representers")) for dumper in dumpers]
+    try:
+        for dumper in dumpers:
+            dumper.yaml_representers = {
+                **dumper.yaml_representers,
+                dict: yaml.representer.SafeRepresenter.represent_dict,
+            }
+        yield
+    finally:
+        for dumper, own in saved:
+            if own is None:
+                del dumper.yaml_representers
+            else:
+                dumper.yaml_representers = own
+
+
 def _summarize(value: str) -> str:
     lines = value.splitlines()
     return f"<{len(lines)} lines, sha256:{hashlib.sha256(value.encode()).hexdigest()[:16]}>"
@@ -240,7 +265,7 @@ def compile_version(
 
     params_path = Path(params_path)
     try:
-        load_params(params_path)  # a broken params.yaml must not become a version
+        params = load_params(params_path)  # a broken params.yaml must not become a version
     except ParamsError as exc:
         raise KfpError(str(exc)) from exc
     commit, dirty = git_state()
@@ -248,7 +273,8 @@ def compile_version(
     if not _NAME_RE.match(name) or len(name) > MAX_NAME:
         raise KfpError(f"version name {name!r} is not a valid name (lowercase a-z, 0-9, '-'; <= {MAX_NAME})")
     module = _import_pipeline_module()
-    pipeline_func = module.sermtl_pipeline
+    # The cluster section of *this* params file (images, GPU, requests, retries, Secrets) shapes the DAG.
+    pipeline_func = module.build_pipeline(params.cluster)
     pipeline_name = getattr(module, "PIPELINE_NAME", pipeline_func.name)
     parameters = {PARAMS_PARAMETER: params_path.read_text()}
     digest = params_digest(params_path)
@@ -281,8 +307,9 @@ def compile_version(
         )
 
     try:
-        _write_atomically(pipeline_path, write_ir)
-        _write_atomically(manifests_path, write_manifests)
+        with standard_yaml_dumpers():
+            _write_atomically(pipeline_path, write_ir)
+            _write_atomically(manifests_path, write_manifests)
     except ValueError as exc:  # e.g. the pipeline lost its params_yaml parameter
         raise KfpError(f"compiling {PIPELINE_MODULE} failed: {exc}") from exc
     describe = f"{PACKAGE} {package_version()}, commit {commit or 'unknown'}{' (dirty)' if dirty else ''}"

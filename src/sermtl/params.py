@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,6 +163,109 @@ class ServingParams:
     return_attention: bool = False  # default for requests that do not say
 
 
+# --- cluster: how the Kubeflow pipeline is compiled for Kubernetes ----------------------------------------
+#
+# Read when the pipeline is compiled (pipelines/sermtl_pipeline.py reads the repository's params.yaml when
+# it is imported) and written into the compiled YAML. No sermtl step reads them at run time, and the local
+# runner (`make run`) ignores them, except the retry policy, which kfp.local 2.17 also applies.
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    # Empty: components.DEFAULT_IMAGE. $SERMTL_IMAGE, when set at compile time, wins over this value.
+    cpu: str = ""
+    # Empty: the CPU image with "-cuda" appended to its tag (infra/docker/README.md). $SERMTL_CUDA_IMAGE wins.
+    cuda: str = ""
+
+
+@dataclass(frozen=True)
+class TolerationParams:
+    key: str = "nvidia.com/gpu"
+    operator: str = "Exists"  # Exists | Equal (Equal compares `value`)
+    value: str = ""
+    effect: str = "NoSchedule"  # NoSchedule | PreferNoSchedule | NoExecute | "" (every effect)
+
+
+@dataclass(frozen=True)
+class GpuParams:
+    # false: training runs on the CPU image without accelerator, node selector or tolerations.
+    enabled: bool = True
+    accelerator_type: str = "nvidia.com/gpu"  # the extended resource the device plugin advertises
+    limit: int = 1
+    node_selector: dict[str, str] = field(default_factory=dict)  # label -> value, e.g. a GPU node pool
+    tolerations: list[TolerationParams] = field(default_factory=lambda: [TolerationParams()])
+
+
+@dataclass(frozen=True)
+class RetryParams:
+    count: int = 2  # retries after a failed attempt, for every step (a step may set its own)
+    backoff_s: int = 15  # wait before the first retry
+    backoff_factor: float = 2.0  # each further wait is this many times longer
+    backoff_max_s: int = 600  # kfp's backoff_max_duration: the most the backoff may grow to
+
+
+@dataclass(frozen=True)
+class StepParams:
+    cpu: str = "1"  # requests, Kubernetes quantities
+    memory: str = "2Gi"
+    cpu_limit: str = ""  # empty: no limit
+    memory_limit: str = ""
+    retries: int = -1  # -1: cluster.retry.count
+
+
+def _step(cpu: str, memory: str, memory_limit: str) -> StepParams:
+    return StepParams(cpu, memory, memory_limit=memory_limit)
+
+
+@dataclass(frozen=True)
+class StepsParams:
+    """One entry per pipeline step; a step left out of params.yaml keeps these requests."""
+
+    fingerprint: StepParams = field(default_factory=lambda: _step("0.5", "512Mi", "1Gi"))
+    ingest: StepParams = field(default_factory=lambda: _step("2", "4Gi", "8Gi"))
+    validate: StepParams = field(default_factory=lambda: _step("1", "2Gi", "4Gi"))
+    plan: StepParams = field(default_factory=lambda: _step("0.5", "512Mi", "1Gi"))
+    train: StepParams = field(default_factory=lambda: _step("4", "16Gi", "32Gi"))
+    collect: StepParams = field(default_factory=lambda: _step("1", "4Gi", "8Gi"))
+    significance: StepParams = field(default_factory=lambda: _step("1", "2Gi", "4Gi"))
+    gate: StepParams = field(default_factory=lambda: _step("0.5", "1Gi", "2Gi"))
+    register: StepParams = field(default_factory=lambda: _step("1", "4Gi", "8Gi"))
+
+
+@dataclass(frozen=True)
+class SecretParams:
+    name: str = ""  # Kubernetes Secret in the run's namespace; empty: none is mounted
+    env: dict[str, str] = field(default_factory=dict)  # Secret key -> environment variable of the task
+
+
+# The keys of the two Secrets that infra/k8s/README.md defines for pipeline tasks, each mapped to the
+# environment variable of the same name. sermtl-s3's MLFLOW_S3_ENDPOINT_URL is left out: artifacts go
+# through the MLflow server, so no task needs it.
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+
+
+@dataclass(frozen=True)
+class SecretsParams:
+    # MLflow client settings: for the steps that write to MLflow (collect, significance, gate, register).
+    mlflow: SecretParams = field(
+        default_factory=lambda: SecretParams("sermtl-mlflow", {k: k for k in MLFLOW_SECRET_KEYS})
+    )
+    # The corpus bucket: for the steps that read an s3:// corpus (fingerprint, ingest).
+    s3: SecretParams = field(
+        default_factory=lambda: SecretParams("sermtl-s3", {k: k for k in S3_SECRET_KEYS})
+    )
+
+
+@dataclass(frozen=True)
+class ClusterParams:
+    images: ImageParams = field(default_factory=ImageParams)
+    gpu: GpuParams = field(default_factory=GpuParams)
+    retry: RetryParams = field(default_factory=RetryParams)
+    steps: StepsParams = field(default_factory=StepsParams)
+    secrets: SecretsParams = field(default_factory=SecretsParams)
+
+
 def _default_systems() -> dict[str, SystemParams]:
     return {
         "mtl_attention": SystemParams("neural", True, "attention"),
@@ -185,6 +289,7 @@ class Params:
     significance: SignificanceParams = field(default_factory=SignificanceParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     serving: ServingParams = field(default_factory=ServingParams)
+    cluster: ClusterParams = field(default_factory=ClusterParams)
     # Sections no stage has typed yet are kept verbatim.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -213,10 +318,65 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("SignificanceParams", "subset"): ("all", "improvised"),
     ("GateParams", "test"): ("resampling", "mcnemar", "ztest"),
     ("PromotionParams", "rule"): ("not_worse", "better"),
+    ("TolerationParams", "operator"): ("Exists", "Equal"),
+    ("TolerationParams", "effect"): ("NoSchedule", "PreferNoSchedule", "NoExecute", ""),
 }
 
+# Fields whose value must match a pattern (Kubernetes quantities as kfp accepts them).
+_CPU = r"([0-9]*[.])?[0-9]+m?"
+_MEMORY = r"[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?"
+FORMATS: dict[tuple[str, str], tuple[str, str]] = {
+    ("StepParams", "cpu"): (_CPU, "a CPU quantity such as 2, 0.5 or 500m"),
+    ("StepParams", "memory"): (_MEMORY, "a memory quantity such as 4Gi or 512Mi"),
+    ("StepParams", "cpu_limit"): (f"(?:{_CPU})?", "a CPU quantity such as 2 or 500m, or empty (no limit)"),
+    ("StepParams", "memory_limit"): (f"(?:{_MEMORY})?", "a memory quantity such as 8Gi, or empty (no limit)"),
+    ("GpuParams", "accelerator_type"): (r"[A-Za-z0-9][-A-Za-z0-9_./]*", "a resource name (nvidia.com/gpu)"),
+}
+# Smallest allowed value of numeric fields.
+MINIMUMS: dict[tuple[str, str], float] = {
+    ("GpuParams", "limit"): 1,
+    ("RetryParams", "count"): 0,
+    ("RetryParams", "backoff_s"): 0,
+    ("RetryParams", "backoff_factor"): 1.0,
+    ("RetryParams", "backoff_max_s"): 0,
+    ("StepParams", "retries"): -1,
+}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SECRET_KEY = re.compile(r"[-._A-Za-z0-9]+")
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+
+def _check(cls: type, name: str, value: Any, where: str) -> None:
+    """The per-field rules above, and the shape of a Secret's key -> env mapping."""
+    allowed = CHOICES.get((cls.__name__, name))
+    if allowed and value not in allowed:
+        words = ", ".join(word or '""' for word in allowed)
+        raise ParamsError(f"{where}: {value!r} is not one of {words}")
+    pattern = FORMATS.get((cls.__name__, name))
+    if pattern and not re.fullmatch(pattern[0], value):
+        raise ParamsError(f"{where}: {value!r} is not {pattern[1]}")
+    minimum = MINIMUMS.get((cls.__name__, name))
+    if minimum is not None and value < minimum:
+        raise ParamsError(f"{where}: {value!r} is below the minimum {minimum:g}")
+    if (cls.__name__, name) == ("SecretParams", "env"):
+        for key, env in value.items():
+            if not _SECRET_KEY.fullmatch(str(key)):
+                raise ParamsError(f"{where}.{key}: not a valid Secret key")
+            if not _ENV_NAME.fullmatch(env):
+                raise ParamsError(f"{where}.{key}: {env!r} is not a valid environment variable name")
+
+
+def _field_default(cls: type, name: str) -> Any:
+    """The default of a dataclass field (what a section that leaves the field out gets)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            return None if f.default is dataclasses.MISSING else f.default
+    return None
+
+
+def _build(cls: type, raw: Any, where: str, base: Any = None) -> Any:
+    """`cls` from a mapping; keys left out keep `base`'s values (the field's default), else the class's."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{where}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -224,12 +384,15 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ParamsError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in raw.items()}
-    for name, value in kwargs.items():
-        allowed = CHOICES.get((cls.__name__, name))
-        if allowed and value not in allowed:
-            raise ParamsError(f"{where}.{name}: {value!r} is not one of {', '.join(allowed)}")
-    return cls(**kwargs)
+    kwargs = {}
+    for name, value in raw.items():
+        if dataclasses.is_dataclass(hints[name]):
+            # A nested section keeps the defaults of its field (e.g. cluster.steps.train's own requests).
+            kwargs[name] = _build(hints[name], value, f"{where}.{name}", _field_default(cls, name))
+        else:
+            kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
+        _check(cls, name, kwargs[name], f"{where}.{name}")
+    return dataclasses.replace(base, **kwargs) if isinstance(base, cls) else cls(**kwargs)
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:

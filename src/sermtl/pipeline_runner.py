@@ -37,8 +37,32 @@ class ValidationFailed(RuntimeError):
     """The corpus store broke data-quality expectations; raised so the DAG stops before training."""
 
 
-def ingest_step(corpus_uri: str, params_yaml: str, out_dir: str | Path) -> dict[str, Any]:
-    """Ingest ``corpus_uri`` into ``out_dir``; return the metadata for the corpus-store artifact."""
+def fingerprint_step(corpus_uri: str, params_yaml: str) -> str:
+    """`listing:<sha256>` of the corpus' file listing: relative paths, sizes and ETags (s3://) or mtimes.
+
+    The same listing hash that sermtl.ingest uses to tell whether a store is up to date, so it changes
+    whenever a file is added, removed or rewritten. Only the listing is read, not the audio.
+    """
+    from sermtl.sources import listing_fingerprint, open_source
+
+    params = params_from_yaml(params_yaml, PARAMS_WHERE)
+    files = open_source(corpus_uri, params.data.s3_endpoint_url).list_files()
+    return f"listing:{listing_fingerprint(files)}"
+
+
+def ingest_step(
+    corpus_uri: str,
+    params_yaml: str,
+    out_dir: str | Path,
+    *,
+    data_version: str = "",
+    corpus_fingerprint: str = "",
+) -> dict[str, Any]:
+    """Ingest ``corpus_uri`` into ``out_dir``; return the metadata for the corpus-store artifact.
+
+    ``data_version`` and ``corpus_fingerprint`` (fingerprint_step) are what the pipeline keys this step's
+    cache on; they are recorded on the artifact as given.
+    """
     from sermtl.ingest import ingest
 
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
@@ -47,6 +71,8 @@ def ingest_step(corpus_uri: str, params_yaml: str, out_dir: str | Path) -> dict[
     metadata.update({key: len(report[key]) for key in INGEST_COUNTED_LISTS if key in report})
     metadata["utterances"] = report.get("kept", 0)
     metadata["params_data_hash"] = params.section_hash("data")
+    metadata["data_version"] = data_version
+    metadata["corpus_fingerprint"] = corpus_fingerprint
     return metadata
 
 
@@ -228,10 +254,14 @@ def collect_step(
     *,
     data_version: str = "",
     pipeline_run_id: str = "",
+    pipeline_task: str = "",
     track: bool = True,
     proposed_dir: str | Path | None = None,
 ) -> dict[str, float]:
     """Results table of the study from the ParallelFor's run folders, logged to MLflow as one study.
+
+    ``pipeline_run_id`` and ``pipeline_task`` (the KFP run and the task logging the study) become the
+    `sermtl.kfp_run_id` and `sermtl.kfp_task` tags of the study run and, inherited, of its children.
 
     ``proposed_dir`` receives a copy of the proposed system's fold runs (<system>/fold<k>), what the
     register step needs, so that it does not have to gather the ParallelFor's outputs again.
@@ -250,10 +280,18 @@ def collect_step(
         version = study_data_version(data_version, store_dir=store_dir)
         study = {"data_version": version, "pipeline_run_id": pipeline_run_id, "study_run_id": ""}
         if track:
-            from sermtl.tracking import track_study
+            from sermtl.tracking import TAG_KFP_RUN, TAG_KFP_TASK, track_study
 
+            kfp_tags = {TAG_KFP_RUN: pipeline_run_id or None, TAG_KFP_TASK: pipeline_task or None}
             study["study_run_id"] = track_study(
-                train_dir, Path(store_dir), Path(results_dir), table, params, version, pipeline_run_id
+                train_dir,
+                Path(store_dir),
+                Path(results_dir),
+                table,
+                params,
+                version,
+                pipeline_run_id,
+                tags=kfp_tags,
             )
         write_json(Path(results_dir) / STUDY_FILE, study)  # what the decision steps need of the study
         if proposed_dir is not None:

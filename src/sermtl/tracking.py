@@ -60,6 +60,8 @@ TAG_GIT_COMMIT = "sermtl.git_commit"
 TAG_GIT_DIRTY = "sermtl.git_dirty"
 TAG_DATA_VERSION = "sermtl.data_version"
 TAG_PIPELINE_RUN = "sermtl.pipeline_run_id"
+TAG_KFP_RUN = "sermtl.kfp_run_id"  # the Kubeflow run that logged the study (its run id)
+TAG_KFP_TASK = "sermtl.kfp_task"  # the task of that run that logged it (e.g. collect-study)
 TAG_PROFILE = "sermtl.profile"
 TAG_STUDY = "sermtl.study"
 TAG_SYSTEM = "sermtl.system"
@@ -771,11 +773,14 @@ def track_study(
     pipeline_run_id: str = "",
     *,
     name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
     tracking_uri: str | None = None,
 ) -> str:
     """Log a finished study: parent run, one child per (system, fold), the results on the parent.
 
-    A failure while logging marks the parent FAILED instead of leaving it running.
+    `tags` go onto the parent (start_study) and, as children inherit the parent's `sermtl.*` tags, onto
+    every child too (e.g. the KFP run and task). A failure while logging marks the parent FAILED instead
+    of leaving it running.
     """
     from sermtl.results import RESULTS_HTML, RESULTS_MARKDOWN
 
@@ -783,6 +788,7 @@ def track_study(
     parent = start_study(
         study,
         params,
+        tags,
         data_version=data_version,
         pipeline_run_id=pipeline_run_id or None,
         tracking_uri=tracking_uri,
