@@ -21,9 +21,8 @@ def sh(*args: str, cwd: Path, env: dict[str, str]) -> str:
     return result.stdout
 
 
-@pytest.fixture
-def fresh_clone(tmp_path: Path) -> Path:
-    """The files a clone of the working tree would have (tracked plus new, not ignored), in a new repo."""
+def copy_working_tree(destination: Path) -> Path:
+    """The files a clone of the working tree would have (tracked plus new, not ignored), copied."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -31,13 +30,17 @@ def fresh_clone(tmp_path: Path) -> Path:
         text=True,
         check=True,
     ).stdout.split("\0")
-    clone = tmp_path / "clone"
     for name in filter(None, listed):
         source = ROOT / name
         if source.is_file():
-            (clone / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, clone / name)
-    return clone
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+    return destination
+
+
+@pytest.fixture
+def fresh_clone(tmp_path: Path) -> Path:
+    return copy_working_tree(tmp_path / "clone")
 
 
 def test_dvc_repro_offline_in_fresh_clone(fresh_clone: Path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_dvc import copy_working_tree
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,19 +50,7 @@ def dvc_env() -> dict[str, str]:
 def origin(tmp_path: Path) -> Path:
     """A bare repository: what `git clone` gives a user of the project as it is in the working tree."""
     env = dvc_env()
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    work = tmp_path / "work"
-    for name in filter(None, listed):
-        source = ROOT / name
-        if source.is_file():
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, work / name)
+    work = copy_working_tree(tmp_path / "work")
     sh("git", "init", "-q", "-b", "main", cwd=work, env=env)
     sh("git", "add", "-A", cwd=work, env=env)
     sh("git", "commit", "-qm", "project", cwd=work, env=env)

@@ -40,7 +40,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sermtl import tracking
-from sermtl.fsutil import atomic_write_text, write_json
+from sermtl.fsutil import write_report_files
 from sermtl.metrics import SUBSETS, confusion, uar, validate_predictions
 from sermtl.params import Params
 from sermtl.schema import (
@@ -739,16 +739,12 @@ def to_html(comparison: StudyComparison) -> str:
 
 def write_comparison(comparison: StudyComparison, out_dir: Path) -> dict[str, Path]:
     """comparison.{md,html,json} in out_dir, each written atomically, the JSON last; other files stay."""
-    out_dir = Path(out_dir)
-    paths = {
-        "markdown": out_dir / COMPARISON_MARKDOWN,
-        "html": out_dir / COMPARISON_HTML,
-        "json": out_dir / COMPARISON_JSON,
-    }
-    atomic_write_text(paths["markdown"], to_markdown(comparison))
-    atomic_write_text(paths["html"], to_html(comparison))
-    write_json(paths["json"], comparison.to_dict())
-    return paths
+    return write_report_files(
+        out_dir,
+        (COMPARISON_MARKDOWN, to_markdown(comparison)),
+        (COMPARISON_HTML, to_html(comparison)),
+        (COMPARISON_JSON, comparison.to_dict()),
+    )
 
 
 def log_comparison(parent_run_id: str, paths: Mapping[str, Path], *, tracking_uri: str | None = None) -> None:

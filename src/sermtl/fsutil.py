@@ -58,3 +58,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_report_files(
+    out_dir: Path, markdown: tuple[str, str], html: tuple[str, str], json_file: tuple[str, Any]
+) -> dict[str, Path]:
+    """One report as Markdown, HTML and JSON, given as (file name, content), each written atomically and
+    the JSON last: a reader that finds the JSON also finds the others of the same run. Other files in
+    out_dir are left alone. Returns {"markdown", "html", "json"} -> path."""
+    out_dir = Path(out_dir)
+    paths = {"markdown": out_dir / markdown[0], "html": out_dir / html[0], "json": out_dir / json_file[0]}
+    atomic_write_text(paths["markdown"], markdown[1])
+    atomic_write_text(paths["html"], html[1])
+    write_json(paths["json"], json_file[1])
+    return paths

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from sermtl.fsutil import atomic_write_text, write_json
+from sermtl.fsutil import write_report_files
 from sermtl.metrics import NUM_CLASSES
 from sermtl.params import Params
 from sermtl.schema import SIGNIFICANCE_HTML, SIGNIFICANCE_JSON, SIGNIFICANCE_MARKDOWN
@@ -667,16 +667,12 @@ def write_report(report: SignificanceReport, out_dir: Path) -> dict[str, Path]:
 
     The JSON is written last, so a reader that finds it also finds the Markdown and HTML of that run.
     """
-    out_dir = Path(out_dir)
-    paths = {
-        "markdown": out_dir / SIGNIFICANCE_MARKDOWN,
-        "html": out_dir / SIGNIFICANCE_HTML,
-        "json": out_dir / SIGNIFICANCE_JSON,
-    }
-    atomic_write_text(paths["markdown"], to_markdown(report))
-    atomic_write_text(paths["html"], to_html(report))
-    write_json(paths["json"], report.to_dict())
-    return paths
+    return write_report_files(
+        out_dir,
+        (SIGNIFICANCE_MARKDOWN, to_markdown(report)),
+        (SIGNIFICANCE_HTML, to_html(report)),
+        (SIGNIFICANCE_JSON, report.to_dict()),
+    )
 
 
 def read_report(path: Path) -> SignificanceReport:
