@@ -535,6 +535,7 @@ def test_run_local_end_to_end(
     assert len(folds) == len(TINY_SYSTEMS) * 5
     assert all(r.data.tags["sermtl.kfp_run_id"] == kfp_run for r in folds)
     assert all(r.data.tags["sermtl.kfp_task"] == "collect-study" for r in folds)
+    assert registration[0].data.tags["sermtl.kfp_run_id"] == kfp_run  # inherited from the study
 
     # Decisions: significance on the pooled predictions, the gate, the registration, all in MLflow.
     significance = json.loads((Path(record["significance"]) / "significance.json").read_text())

@@ -651,6 +651,7 @@ def register_study_model(
             tracking.TAG_STUDY: study_tags.get(tracking.TAG_STUDY, ""),
             TAG_STUDY_RUN: study_run_id,
             **{k: v for k, v in provenance.items() if v},
+            **{k: v for k, v in study_tags.items() if k in (tracking.TAG_KFP_RUN, tracking.TAG_KFP_TASK)},
         },
     )
     run_id = run.info.run_id
