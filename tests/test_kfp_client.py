@@ -600,3 +600,20 @@ def test_compile_takes_the_cluster_section_of_the_given_params(tmp_path: Path) -
     train = spec["deploymentSpec"]["executors"]["exec-train-system-fold"]["container"]
     assert "accelerator" not in train.get("resources", {})
     assert spec["root"]["dag"]["tasks"]["plan-study"]["retryPolicy"]["maxRetryCount"] == 4
+
+
+def test_default_images_are_the_ones_built_from_this_commit(tmp_path: Path, monkeypatch) -> None:
+    """No image named in params or env: the tag infra/docker/image-tag.sh gives, <version>-<commit>."""
+    monkeypatch.delenv("SERMTL_IMAGE", raising=False)
+    monkeypatch.delenv("SERMTL_CUDA_IMAGE", raising=False)
+    monkeypatch.setenv("SERMTL_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    raw = yaml.safe_load(GOLDEN_PARAMS.read_text())
+    raw.pop("cluster")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    version = compile_version(tmp_path / "out", params, version="sermtl-images")
+    spec = next(yaml.safe_load_all(version.pipeline_path.read_text()))
+    images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
+    tag = f"{metadata.version('sermtl')}-0123456"
+    assert images.pop("exec-train-system-fold") == f"ghcr.io/sermtl/sermtl:{tag}-cuda"
+    assert set(images.values()) == {f"ghcr.io/sermtl/sermtl:{tag}"}

@@ -74,6 +74,9 @@ def _git(*args: str) -> str | None:
     return None
 
 
+IMAGE_REPOSITORY = "ghcr.io/sermtl/sermtl"  # where infra/docker/README.md pushes the project images
+
+
 def git_state() -> tuple[str | None, bool]:
     """(commit, dirty): `$SERMTL_GIT_COMMIT` (images built without .git; never dirty), else git's HEAD.
 
@@ -85,6 +88,18 @@ def git_state() -> tuple[str | None, bool]:
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain") if commit else None
     return commit, bool(status)
+
+
+def image_tag(commit: str | None = None) -> str | None:
+    """`<version>-<short commit>[-dirty]`, the tag infra/docker/image-tag.sh gives the images built from
+    this tree (dirty: tracked files changed); None without a commit."""
+    if commit is None:
+        commit, _ = git_state()
+    if not commit:
+        return None
+    pinned = bool(os.environ.get("SERMTL_GIT_COMMIT", "").strip())
+    dirty = not pinned and bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return f"{package_version().replace('+', '-')}-{commit[:7]}{'-dirty' if dirty else ''}"
 
 
 def _slug(text: str) -> str:
@@ -274,7 +289,13 @@ def compile_version(
         raise KfpError(f"version name {name!r} is not a valid name (lowercase a-z, 0-9, '-'; <= {MAX_NAME})")
     module = _import_pipeline_module()
     # The cluster section of *this* params file (images, GPU, requests, retries, Secrets) shapes the DAG.
-    pipeline_func = module.build_pipeline(params.cluster)
+    cluster = params.cluster
+    tag = image_tag(commit)
+    if tag and not cluster.images.cpu and not os.environ.get("SERMTL_IMAGE"):
+        # The images built from this commit (infra/docker/README.md), unless params or env name others.
+        images = dataclasses.replace(cluster.images, cpu=f"{IMAGE_REPOSITORY}:{tag}")
+        cluster = dataclasses.replace(cluster, images=images)
+    pipeline_func = module.build_pipeline(cluster)
     pipeline_name = getattr(module, "PIPELINE_NAME", pipeline_func.name)
     parameters = {PARAMS_PARAMETER: params_path.read_text()}
     digest = params_digest(params_path)
