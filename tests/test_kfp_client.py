@@ -43,7 +43,7 @@ GOLDEN_IR = GOLDEN_DIR / "sermtl_pipeline.yaml"
 GOLDEN_VERSION = "sermtl-golden"
 REGENERATE = "UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_kfp_client.py -k golden"
 COMMIT = "3BC016DECEBE80C6D1DDCC155C450709C7E83DF4"
-TOKEN = "s3cr3t-kfp-token-value"
+TOKEN = "fake-kfp-token-for-tests"
 CORPUS = "s3://sermtl-data/IEMOCAP_full_release"
 
 
@@ -196,7 +196,7 @@ def test_no_credentials_in_compiled_outputs(tmp_path: Path, monkeypatch: pytest.
     """Credentials reach the tasks only as references to the Kubernetes Secrets (names and keys)."""
     clean = compile_version(tmp_path / "clean", GOLDEN_PARAMS, version="sermtl-secrets-test")
     secrets = {
-        "AWS_ACCESS_KEY_ID": "AKIAFAKEACCESSKEY0001",
+        "AWS_ACCESS_KEY_ID": "fake-access-key-id-0001",
         "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-5f9c2e7b41",
         "AWS_SESSION_TOKEN": "fake-aws-session-token-0c3d",
         "AWS_ENDPOINT_URL": "http://s3user:s3pass-4e1f@seaweed.example:8333",
