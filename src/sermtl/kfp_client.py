@@ -24,7 +24,6 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 import warnings
@@ -35,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from sermtl import gitinfo
 from sermtl.params import DEFAULT_PARAMS_PATH, ParamsError, load_params
 
 PACKAGE = "sermtl"
@@ -57,23 +57,6 @@ class KfpError(RuntimeError):
 # --- version names ------------------------------------------------------------------------------------
 
 
-def _git(*args: str) -> str | None:
-    """`git <args>` in the source checkout, else the cwd; None without git or outside a repository.
-
-    (sermtl.tracking has the same helpers, but importing it loads MLflow: seconds for `pipeline compile`.)
-    """
-    for where in (Path(__file__).resolve().parent, Path.cwd()):
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=where, capture_output=True, text=True, timeout=20, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if done.returncode == 0:
-            return done.stdout.strip()
-    return None
-
-
 IMAGE_REPOSITORY = "ghcr.io/sermtl/sermtl"  # where infra/docker/README.md pushes the project images
 
 
@@ -82,12 +65,10 @@ def git_state() -> tuple[str | None, bool]:
 
     Dirty counts untracked files too: a new, not yet added component changes the compiled pipeline.
     """
-    pinned = os.environ.get("SERMTL_GIT_COMMIT", "").strip()
-    if pinned:
-        return pinned, False
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain") if commit else None
-    return commit, bool(status)
+    if gitinfo.pinned_commit():
+        return gitinfo.pinned_commit(), False
+    commit = gitinfo.commit()
+    return commit, bool(commit and gitinfo.changed(untracked=True))
 
 
 def image_tag(commit: str | None = None) -> str | None:
@@ -97,8 +78,7 @@ def image_tag(commit: str | None = None) -> str | None:
         commit, _ = git_state()
     if not commit:
         return None
-    pinned = bool(os.environ.get("SERMTL_GIT_COMMIT", "").strip())
-    dirty = not pinned and bool(_git("status", "--porcelain", "--untracked-files=no"))
+    dirty = bool(gitinfo.changed())
     return f"{package_version().replace('+', '-')}-{commit[:7]}{'-dirty' if dirty else ''}"
 
 

@@ -918,6 +918,22 @@ def _refusal(
     return PromotionRefused(message, kind, result)
 
 
+def _record_champion_change(
+    mlflow_client: MlflowClient, model: Any, version: str, record: Mapping[str, Any]
+) -> None:
+    """The registered model's champion tags and one new audit entry, for a promotion or a rollback."""
+    tags = {
+        TAG_CHAMPION_VERSION: version,
+        TAG_CHAMPION_BY: record["actor"],
+        TAG_CHAMPION_AT: record["at"],
+        TAG_CHAMPION_REASON: record["reason"],
+        TAG_CHAMPION_ACTION: record["action"],
+        _next_audit_key(model): _tag_value(dict(record)),
+    }
+    for key, value in tags.items():
+        mlflow_client.set_registered_model_tag(model.name, key, value)
+
+
 def promote(
     name: str,
     version: str | int | None = None,
@@ -1078,16 +1094,9 @@ def promote(
         }
         for key, value in version_tags.items():
             mlflow_client.set_model_version_tag(name, version, key, value)
-        model_tags = {
-            TAG_CHAMPION_VERSION: version,
-            TAG_CHAMPION_BY: actor,
-            TAG_CHAMPION_AT: at,
-            TAG_CHAMPION_REASON: reason,
-            TAG_CHAMPION_ACTION: "promote",
-            _next_audit_key(model): _tag_value({**record, "evidence": _evidence_summary(evidence)}),
-        }
-        for key, value in model_tags.items():
-            mlflow_client.set_registered_model_tag(name, key, value)
+        _record_champion_change(
+            mlflow_client, model, version, {**record, "evidence": _evidence_summary(evidence)}
+        )
     finally:
         lock.release()
     message = (
@@ -1183,16 +1192,7 @@ def rollback(
             mlflow_client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
         mlflow_client.set_model_version_tag(name, current, TAG_ROLLED_BACK, _tag_value(record))
         mlflow_client.set_model_version_tag(name, target, TAG_RESTORED, _tag_value(record))
-        model_tags = {
-            TAG_CHAMPION_VERSION: target,
-            TAG_CHAMPION_BY: actor,
-            TAG_CHAMPION_AT: at,
-            TAG_CHAMPION_REASON: reason,
-            TAG_CHAMPION_ACTION: "rollback",
-            _next_audit_key(model): _tag_value(record),
-        }
-        for key, value in model_tags.items():
-            mlflow_client.set_registered_model_tag(name, key, value)
+        _record_champion_change(mlflow_client, model, target, record)
     finally:
         lock.release()
     return PromotionResult(

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import tempfile
 import time
 import warnings
@@ -35,6 +34,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from sermtl import gitinfo
 from sermtl.metrics import PROBABILITY_COLUMNS, evaluate_predictions, flat_metrics, validate_predictions
 from sermtl.params import Params
 from sermtl.schema import (
@@ -152,29 +152,13 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
 # --- provenance ---------------------------------------------------------------------------------------
 
 
-def _git(*args: str) -> str | None:
-    for where in (Path(__file__).resolve().parent, Path.cwd()):
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=where, capture_output=True, text=True, timeout=20, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if done.returncode == 0:
-            return done.stdout.strip()
-    return None
-
-
 def git_commit() -> str | None:
     """`$SERMTL_GIT_COMMIT` (set in images built without .git), else `git rev-parse HEAD`."""
-    return os.environ.get("SERMTL_GIT_COMMIT") or _git("rev-parse", "HEAD")
+    return gitinfo.commit()
 
 
 def _git_dirty() -> bool | None:
-    if os.environ.get("SERMTL_GIT_COMMIT"):
-        return None
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return None if status is None else bool(status)
+    return gitinfo.changed()
 
 
 # --- flattening ---------------------------------------------------------------------------------------
