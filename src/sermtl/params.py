@@ -63,6 +63,8 @@ class ValidationParams:
     silence_rms_dbfs: float = -60.0
     clipping_fraction: float = 0.01
     max_bad_audio_fraction: float = 0.01
+    # Share of wavs that no annotation names (IEMOCAP: none); more means annotations went missing.
+    max_unannotated_fraction: float = 0.02
     min_class_count_per_fold: int = 1
 
 
@@ -160,7 +162,16 @@ class RegistryParams:
 @dataclass(frozen=True)
 class ServingParams:
     max_duration_s: float = 60.0  # longer inputs are refused (memory of one request)
+    max_total_duration_s: float = 120.0  # audio of all inputs of one request together
+    max_request_bytes: int = 16_000_000  # request bodies larger than this are refused (413)
+    min_duration_s: float = 0.1  # shorter inputs are refused; at least one frame of the front end
     return_attention: bool = False  # default for requests that do not say
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    # Total time one MLflow call may spend retrying a server that does not answer; then it fails naming it.
+    retry_budget_s: float = 20.0
 
 
 # --- cluster: how the Kubeflow pipeline is compiled for Kubernetes ----------------------------------------
@@ -289,6 +300,7 @@ class Params:
     significance: SignificanceParams = field(default_factory=SignificanceParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     serving: ServingParams = field(default_factory=ServingParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
     cluster: ClusterParams = field(default_factory=ClusterParams)
     # Sections no stage has typed yet are kept verbatim.
     extra: dict[str, Any] = field(default_factory=dict)
