@@ -58,7 +58,8 @@ def write_study(
     """Each system predicts the true class with probability `accuracy[system]`, else a random class."""
     rng = np.random.default_rng(seed)
     for fold in range(len(params.data.sessions)):
-        ids = [f"Ses0{fold + 1}F_impro01_F{i:03d}" for i in range(per_fold)]
+        # both speakers of the session (F, M, by pairs: each has improvised and scripted rows)
+        ids = [f"Ses0{fold + 1}F_impro01_{'FM'[i // 2 % 2]}{i:03d}" for i in range(per_fold)]
         labels = rng.integers(0, 3, size=(3, per_fold))
         for system in params.systems:
             correct = rng.random((3, per_fold)) < accuracy[system]

@@ -14,12 +14,19 @@ import pandas as pd
 import pytest
 
 from sermtl import egemaps
-from sermtl.audio import AudioStore
+from sermtl.audio import AudioStore, audio_checksum
 from sermtl.folds import leave_one_session_out
 from sermtl.ingest import ingest
 from sermtl.metrics import PREDICTION_COLUMNS, evaluate_predictions
 from sermtl.params import Params, SystemParams
-from sermtl.schema import AUDIO_FILE, DIMENSIONS, MODEL_DIR, PREDICTIONS_FILE, RUN_METRICS_FILE
+from sermtl.schema import (
+    AUDIO_FILE,
+    DIMENSIONS,
+    MODEL_DIR,
+    PREDICTIONS_FILE,
+    RUN_METRICS_FILE,
+    STORE_META_FILE,
+)
 from sermtl.synth import synthesize
 
 PARAMS = Params()
@@ -82,8 +89,11 @@ def test_cache_is_invalidated_when_the_store_changes(tiny_store, tiny_features, 
     assert key == egemaps.feature_cache_key(tiny_store)  # content, not location
 
     audio = np.fromfile(changed / AUDIO_FILE, dtype=np.int16)
-    audio[1000] ^= 1  # one sample, one bit
+    audio[1000] ^= 1  # one sample, one bit, as a re-ingestion would write it (checksum updated)
     audio.tofile(changed / AUDIO_FILE)
+    meta = json.loads((changed / STORE_META_FILE).read_text())
+    meta["sha256"] = audio_checksum(changed / AUDIO_FILE)
+    (changed / STORE_META_FILE).write_text(json.dumps(meta))
     assert egemaps.feature_cache_key(changed) != key
 
     calls = []

@@ -41,3 +41,15 @@ def test_speaker_in_two_sessions_is_refused():
     frame.loc[0, "session"] = 2  # Ses01_F now also appears in session 2
     with pytest.raises(ValueError, match="Ses01_F occur in more than one session"):
         leave_one_session_out(frame, [1, 2, 3, 4, 5])
+
+
+def test_sessions_outside_data_sessions_are_in_no_split():
+    frame = manifest()  # sessions 1-5 in the manifest, only 1-4 studied
+    folds = leave_one_session_out(frame, [1, 2, 3, 4])
+    assert [f.test_session for f in folds] == [1, 2, 3, 4]
+    session = frame.set_index("utterance_id")["session"]
+    for fold in folds:
+        used = fold.train_ids + fold.validation_ids + fold.test_ids
+        assert 5 not in set(session[used])
+        assert len(used) == len(set(used)) == (frame["session"] != 5).sum()
+        assert set(session[fold.train_ids]) == {1, 2, 3, 4} - {fold.test_session}

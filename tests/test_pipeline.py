@@ -413,36 +413,51 @@ def test_secret_name_can_be_left_out(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("cluster: {gpu: {limit: 0}}", r"cluster.gpu.limit: 0 is below the minimum 1"),
+        ("cluster: {gpu: {limit: 0}}", r"cluster.gpu.limit: must be an integer >= 1 \(got 0\)"),
         ("cluster: {gpu: {enabled: yes please}}", r"cluster.gpu.enabled: expected bool"),
         ("cluster: {gpu: {node_selector: {pool: true}}}", r"cluster.gpu.node_selector.pool: expected str"),
         (
             "cluster: {gpu: {tolerations: [{key: a, operator: In}]}}",
-            r"cluster.gpu.tolerations\[0\].operator: 'In' is not one of Exists, Equal",
+            r"cluster.gpu.tolerations\[0\].operator: must be one of Exists, Equal \(got 'In'\)",
         ),
         (
             "cluster: {gpu: {tolerations: [{effect: NoScheduel}]}}",
-            r"cluster.gpu.tolerations\[0\].effect: 'NoScheduel' is not one of NoSchedule",
+            r"cluster.gpu.tolerations\[0\].effect: must be one of NoSchedule, .* \(got 'NoScheduel'\)",
         ),
-        ("cluster: {steps: {trian: {cpu: '1'}}}", r"cluster.steps: unknown key\(s\) trian"),
+        (
+            "cluster: {steps: {trian: {cpu: '1'}}}",
+            r"cluster.steps.trian: unknown key \(expected one of: fingerprint, ",
+        ),
         (
             "cluster: {steps: {train: {cpu: 4 cores}}}",
-            r"cluster.steps.train.cpu: '4 cores' is not a CPU quantity",
+            r"cluster.steps.train.cpu: must be a CPU quantity .* \(got '4 cores'\)",
         ),
-        ("cluster: {steps: {ingest: {memory: 4GB}}}", r"cluster.steps.ingest.memory: '4GB' is not a memory"),
-        ("cluster: {steps: {gate: {memory_limit: lots}}}", r"cluster.steps.gate.memory_limit: 'lots' is not"),
+        (
+            "cluster: {steps: {ingest: {memory: 4GB}}}",
+            r"cluster.steps.ingest.memory: must be a memory .* \(got '4GB'\)",
+        ),
+        (
+            "cluster: {steps: {gate: {memory_limit: lots}}}",
+            r"cluster.steps.gate.memory_limit: must be .* \(got 'lots'\)",
+        ),
         (
             "cluster: {steps: {gate: {retries: -2}}}",
-            r"cluster.steps.gate.retries: -2 is below the minimum -1",
+            r"cluster.steps.gate.retries: must be an integer >= -1 \(got -2\)",
         ),
         ("cluster: {retry: {count: 1.5}}", r"cluster.retry.count: expected int"),
-        ("cluster: {retry: {backoff_factor: 0.5}}", r"cluster.retry.backoff_factor: 0.5 is below"),
-        ("cluster: {images: {gpu: x}}", r"cluster.images: unknown key\(s\) gpu; known: cpu, cuda"),
+        (
+            "cluster: {retry: {backoff_factor: 0.5}}",
+            r"cluster.retry.backoff_factor: must be a number >= 1 \(got 0.5\)",
+        ),
+        ("cluster: {images: {gpu: x}}", r"cluster.images.gpu: unknown key \(expected one of: cpu, cuda\)"),
         (
             "cluster: {secrets: {mlflow: {env: {A: 1BAD}}}}",
-            r"cluster.secrets.mlflow.env.A: '1BAD' is not a valid",
+            r"cluster.secrets.mlflow.env.A: must be an environment variable name \(got '1BAD'\)",
         ),
-        ("cluster: {secrets: {vault: {name: x}}}", r"cluster.secrets: unknown key\(s\) vault"),
+        (
+            "cluster: {secrets: {vault: {name: x}}}",
+            r"cluster.secrets.vault: unknown key \(expected one of: mlflow, s3\)",
+        ),
     ],
 )
 def test_bad_cluster_params_name_the_key(text: str, message: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -390,7 +391,7 @@ def test_promotion_lifecycle_refusal_of_a_worse_challenger_and_rollback_walk(
 
     worse = _register(studies, "worse", name)
     with pytest.raises(registry.PromotionRefused, match="significantly worse than the champion") as refused:
-        registry.promote(name, params=params, actor="bob")
+        registry.promote(name, params=params, actor="bob", reason="newer study")
     assert refused.value.kind == "rule" and not refused.value.conflict
     evidence = refused.value.result.evidence
     assert evidence["worse"] == list(PARAMS.eval.dimensions)
@@ -403,7 +404,7 @@ def test_promotion_lifecycle_refusal_of_a_worse_challenger_and_rollback_walk(
     assert registry.TAG_PROMOTED_BY not in client.get_model_version(name, worse).tags
 
     with pytest.raises(registry.PromotionRefused, match=r"200 utterances .* 200; 200 are common .* 1000 are"):
-        registry.promote(name, worse, params=params, actor="bob", min_paired=1000)
+        registry.promote(name, worse, params=params, actor="bob", reason="try", min_paired=1000)
 
     better = _register(studies, "better", name)
     result = registry.promote(name, params=params, actor="carol", reason="better model")
@@ -436,7 +437,7 @@ def test_promotion_lifecycle_refusal_of_a_worse_challenger_and_rollback_walk(
     assert registry.rollback(name, actor="ops", reason="again").version == first
     assert client.get_registered_model(name).aliases == {registry.CHAMPION: first}
     with pytest.raises(registry.PromotionRefused, match="nothing to roll back to") as refused:
-        registry.rollback(name, actor="ops")
+        registry.rollback(name, actor="ops", reason="once more")
     assert refused.value.kind == "no_history"
 
     state = registry.registry_state(name)
@@ -458,7 +459,7 @@ def test_forced_promotion_of_a_failed_gate_version_needs_a_reason(server, studie
     params = _params(name)
     client = _client()
     good = _register(studies, "good", name)
-    registry.promote(name, params=params, actor="alice")
+    registry.promote(name, params=params, actor="alice", reason="first")
     # a version registered by hand, its gate failed: no out-of-fold predictions either
     experiment = tracking.ensure_experiment("registry-tests")
     run = client.create_run(experiment, run_name="manual")
@@ -471,7 +472,7 @@ def test_forced_promotion_of_a_failed_gate_version_needs_a_reason(server, studie
         ).version
 
     with pytest.raises(registry.PromotionRefused, match="did not pass the registration gate") as refused:
-        registry.promote(name, manual, params=params, actor="dave")
+        registry.promote(name, manual, params=params, actor="dave", reason="hotfix")
     assert refused.value.kind == "gate" and "vs mtl_mean: no win" in str(refused.value)
     with pytest.raises(registry.PromotionRefused, match="non-empty reason") as refused:
         registry.promote(name, manual, params=params, actor="dave", force=True, reason="  ")
@@ -519,7 +520,7 @@ def test_two_concurrent_promotions_exactly_one_wins(server, studies, name, fake_
     params = _params(name)
     client = _client()
     champion = _register(studies, "good", name)
-    registry.promote(name, params=params, actor="setup")
+    registry.promote(name, params=params, actor="setup", reason="setup")
     contenders = {"racer-a": _register(studies, "better", name), "racer-b": _register(studies, "best", name)}
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(dataclasses.asdict(params)))
@@ -607,12 +608,12 @@ def test_a_held_lock_times_out_and_a_stale_lock_is_broken_after_its_expiry(
     with pytest.raises(
         registry.PromotionRefused, match=r"held by crashed-worker \(pid 4242 on gone-host"
     ) as refused:
-        registry.promote(name, params=_params(name, lock_timeout_s=0.5), actor="eve")
+        registry.promote(name, params=_params(name, lock_timeout_s=0.5), actor="eve", reason="r")
     assert refused.value.kind == "lock_timeout" and refused.value.conflict
     assert time.monotonic() - started >= 0.5
     assert registry.CHAMPION not in client.get_registered_model(name).aliases
 
-    result = registry.promote(name, params=_params(name, lock_timeout_s=20), actor="eve")
+    result = registry.promote(name, params=_params(name, lock_timeout_s=20), actor="eve", reason="r")
     assert result.promoted and result.version == version
     assert result.broken_locks == ["dead0token"]
     assert time.time() >= expires  # it waited for the expiry, not less
@@ -620,6 +621,105 @@ def test_a_held_lock_times_out_and_a_stale_lock_is_broken_after_its_expiry(
     assert marker.tags["sermtl.lock.broken_by"] == "eve"
     assert marker.tags["sermtl.lock.stale_owner"] == "crashed-worker"
     assert client.search_registered_models(f"name = '{lock}'") == []
+
+
+KILLED = r"""
+import os, signal, sys
+from mlflow.tracking import MlflowClient
+from sermtl import registry
+from sermtl.params import load_params
+
+action, name, version, params_path = sys.argv[1:5]
+set_alias, set_tag = MlflowClient.set_registered_model_alias, MlflowClient.set_registered_model_tag
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # no finally, no lock release
+
+
+def alias(self, model, alias, v):  # a promotion dies at its commit point, history already written
+    if model == name and alias == registry.CHAMPION:
+        die()
+    return set_alias(self, model, alias, v)
+
+
+def tag(self, model, key, value):  # a rollback dies just after its commit point
+    if model == name and key == registry.TAG_HISTORY:
+        die()
+    return set_tag(self, model, key, value)
+
+
+params = load_params(params_path)
+if action == "promote":
+    MlflowClient.set_registered_model_alias = alias
+    registry.promote(name, version, params=params, actor="doomed", reason="killed mid-way")
+else:
+    MlflowClient.set_registered_model_tag = tag
+    registry.rollback(name, actor="doomed", reason="killed mid-way")
+"""
+
+
+def _killed(action: str, name: str, version: str, params_path: Path, server) -> int:
+    """Run a promotion or rollback in a process SIGKILLed between its writes; returns its pid."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED, action, name, version, str(params_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == -signal.SIGKILL, stderr[-3000:]
+    return process.pid
+
+
+@pytest.mark.slow
+def test_killed_promotion_and_rollback_no_lock_wait_no_repeated_history(
+    server, studies, name, fake_serving, tmp_path
+):
+    params = _params(name)  # lock_timeout_s 60: an expiry wait would be about a minute
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(dataclasses.asdict(params)))
+    client = _client()
+    first = _register(studies, "good", name)
+    registry.promote(name, params=params, actor="setup", reason="first")
+    second = _register(studies, "better", name)
+
+    pid = _killed("promote", name, second, params_path, server)
+    lock = client.get_registered_model(registry.lock_name(name)).tags
+    assert lock[registry.LOCK_PID] == str(pid) and lock[registry.LOCK_OWNER] == "doomed"
+    model = client.get_registered_model(name)  # history written, champion not moved
+    assert model.aliases[registry.CHAMPION] == first and json.loads(model.tags[registry.TAG_HISTORY]) == [
+        first
+    ]
+
+    started = time.monotonic()
+    result = registry.promote(name, second, params=params, actor="ops", reason="again after the kill")
+    assert result.promoted and time.monotonic() - started < 20  # the dead holder's lock broken at once
+    assert result.broken_locks == [lock[registry.LOCK_TOKEN]]
+    marker = client.get_registered_model(f"{registry.lock_name(name)}.broken-{lock[registry.LOCK_TOKEN]}")
+    assert f"its holder (pid {pid} on " in marker.tags["sermtl.lock.broken_because"]
+    model = client.get_registered_model(name)
+    assert json.loads(model.tags[registry.TAG_HISTORY]) == [first]  # not [first, first]
+    assert model.aliases == {registry.CHAMPION: second, registry.PREVIOUS_CHAMPION: first}
+
+    # a rollback killed after moving the alias: the next change repairs and audits it, never loses v1
+    _killed("rollback", name, "-", params_path, server)
+    with pytest.raises(registry.PromotionRefused, match="nothing to roll back to") as refused:
+        registry.rollback(name, actor="ops", reason="check")
+    assert refused.value.kind == "no_history"
+    model = client.get_registered_model(name)
+    assert model.aliases == {registry.CHAMPION: first}  # not also its own previous_champion
+    assert json.loads(model.tags[registry.TAG_HISTORY]) == []
+    audit = registry.registry_state(name).audit
+    assert [(e["action"], e["version"], e["from"]) for e in audit] == [
+        ("promote", first, None),
+        ("promote", second, first),
+        ("repair", first, second),
+    ]
+    assert client.search_registered_models(f"name = '{registry.lock_name(name)}'") == []
 
 
 @pytest.mark.slow
@@ -637,12 +737,34 @@ def test_cli_promote_rollback_and_registry(server, studies, name, fake_serving, 
     assert done.exit_code == 0, done.output
     assert f"{name} version {first} is now champion (first champion)" in done.output
 
-    again = runner.invoke(app, ["promote", name, "--version", first, "--params", str(params_path)])
+    again = runner.invoke(
+        app, ["promote", name, "--version", first, "--reason", "r", "--params", str(params_path)]
+    )
     assert again.exit_code == 1 and "already the champion" in again.output
-    missing = runner.invoke(app, ["promote", name, "--params", str(params_path)])
+    missing = runner.invoke(app, ["promote", name, "--reason", "r", "--params", str(params_path)])
     assert missing.exit_code == 1 and "no `challenger` alias" in missing.output
     back = runner.invoke(app, ["rollback", name, "--reason", "test", "--params", str(params_path)])
     assert back.exit_code == 1 and "nothing to roll back to" in back.output
+
+    # the audit must say why: no reason is bad input (exit 2), checked before anything changes
+    audit_before = registry.registry_state(name).audit
+    for args in (
+        ["promote", name, "--version", first],
+        ["promote", name, "--version", first, "--force"],
+        ["promote", name, "--version", first, "--reason", "  "],
+        ["rollback", name],
+    ):
+        result = runner.invoke(app, [*args, "--params", str(params_path)])
+        assert result.exit_code == 2, (args, result.output)
+        assert "needs a non-empty reason" in result.output and "Traceback" not in result.output
+    for call in (
+        lambda: registry.promote(name, first, params=_params(name), actor="lib"),
+        lambda: registry.rollback(name, actor="lib", reason=""),
+    ):
+        with pytest.raises(registry.PromotionRefused, match="needs a non-empty reason") as refused:
+            call()
+        assert refused.value.kind == "input"
+    assert registry.registry_state(name).audit == audit_before
 
     state = runner.invoke(app, ["registry", name])
     assert state.exit_code == 0, state.output

@@ -1,6 +1,7 @@
 """The served model: request parsing (fast, no server), then the ensemble of two tiny really trained fold
 networks logged into a run on a real `mlflow server`, registered as @champion, loaded back with
-`mlflow.pyfunc.load_model`, and served by the real scoring server (`mlflow models serve`) over HTTP."""
+`mlflow.pyfunc.load_model`, and served by the real scoring server (`mlflow models serve`) over HTTP, and
+by `sermtl serve` (the same app behind the request-size limit of sermtl.scoring)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,9 @@ from sermtl.serving import InvalidAudioError, parse_input
 
 RATE = 16000
 MAX_S = 2.0  # serving.max_duration_s of these tests: "too long" stays a small request
+MAX_TOTAL_S = 3.0  # serving.max_total_duration_s: two 1.6 s inputs are too much
+MIN_S = 0.1  # serving.min_duration_s (ServingParams' default): 1600 samples
+MAX_BYTES = 4_000_000  # serving.max_request_bytes of the logged test model
 SYSTEM = "mtl_attention"
 FOLDS = 2
 MODEL_NAME = "sermtl-ser-test"
@@ -39,7 +44,12 @@ TINY_PARAMS = {
     "features": {"frame_ms": 20, "hop_ms": 20, "max_frames": 10},
     "model": {"conv_channels": 4, "conv_kernel": 8, "conv_pool": 4, "rnn_hidden": 8, "rnn_layers": 1},
     "train": {"learning_rate": 0.01, "batch_size": 16, "max_epochs": 1, "device": "cpu", "seed": 0},
-    "serving": {"max_duration_s": MAX_S, "return_attention": False},
+    "serving": {
+        "max_duration_s": MAX_S,
+        "max_total_duration_s": MAX_TOTAL_S,
+        "max_request_bytes": MAX_BYTES,
+        "return_attention": False,
+    },
 }
 
 
@@ -76,16 +86,16 @@ PCM = (WAVE * 32767).astype(np.int16)
         ("float32", WAVE, [8000]),
         ("float64 list", WAVE.astype(np.float64).tolist(), [8000]),
         ("2-D batch", np.stack([WAVE, WAVE]), [8000, 8000]),
-        ("ragged list", [WAVE, WAVE[:100]], [8000, 100]),
-        ("DataFrame waveform", pd.DataFrame({"waveform": [WAVE, WAVE[:5].tolist()]}), [8000, 5]),
-        ("Series", pd.Series([WAVE, WAVE[:7]]), [8000, 7]),
+        ("ragged list", [WAVE, WAVE[:1600]], [8000, 1600]),
+        ("DataFrame waveform", pd.DataFrame({"waveform": [WAVE, WAVE[:2000].tolist()]}), [8000, 2000]),
+        ("Series", pd.Series([WAVE, WAVE[:3000]]), [8000, 3000]),
         ("column vector", WAVE.reshape(-1, 1), [8000]),
-        ("batch of column vectors", [WAVE.reshape(-1, 1), WAVE[:9].reshape(1, -1)], [8000, 9]),
+        ("batch of column vectors", [WAVE.reshape(-1, 1), WAVE[:1700].reshape(1, -1)], [8000, 1700]),
         ("dict waveform", {"waveform": np.stack([WAVE, WAVE])}, [8000, 8000]),
         ("wav bytes", wav_bytes(PCM), [8000]),
         ("base64 wav", b64(wav_bytes(PCM)), [8000]),
-        ("list of wav", [wav_bytes(PCM), b64(wav_bytes(PCM[:300]))], [8000, 300]),
-        ("DataFrame wav", pd.DataFrame({"wav": [b64(wav_bytes(PCM)), wav_bytes(PCM[:50])]}), [8000, 50]),
+        ("list of wav", [wav_bytes(PCM), b64(wav_bytes(PCM[:1800]))], [8000, 1800]),
+        ("DataFrame wav", pd.DataFrame({"wav": [b64(wav_bytes(PCM)), wav_bytes(PCM[:1650])]}), [8000, 1650]),
         ("JSON string array", np.array([b64(wav_bytes(PCM))]), [8000]),
         ("dict wav", {"wav": [wav_bytes(PCM)]}, [8000]),
         ("float wav", wav_bytes(WAVE, subtype="FLOAT"), [8000]),
@@ -106,8 +116,8 @@ def test_int16_pcm_and_its_wav_file_give_the_same_samples():
 
 
 def test_a_wav_file_is_never_squeezed_through_a_fixed_width_bytes_array():
-    silent_tail = wav_bytes(np.zeros(400, np.int16))  # ends with zero bytes, which dtype S would drop
-    assert parse([silent_tail])[0].size == 400
+    silent_tail = wav_bytes(np.zeros(1600, np.int16))  # ends with zero bytes, which dtype S would drop
+    assert parse([silent_tail])[0].size == 1600
     with pytest.raises(InvalidAudioError, match="dtype S"):
         parse(np.array([silent_tail]))
 
@@ -124,8 +134,8 @@ def test_a_wav_file_is_never_squeezed_through_a_fixed_width_bytes_array():
         ("uint8", np.zeros(100, np.uint8), "integer dtype uint8"),
         ("bool", np.ones(100, bool), "dtype bool"),
         ("complex", np.zeros(100, np.complex64), "dtype complex64"),
-        ("NaN", np.array([0.0, np.nan, 0.1]), r"1 NaN, 0 infinite; first at sample 1"),
-        ("inf", np.array([0.0, 0.2, -np.inf]), r"0 NaN, 1 infinite"),
+        ("NaN", np.r_[0.0, np.nan, np.zeros(2000)], r"1 NaN, 0 infinite; first at sample 1"),
+        ("inf", np.r_[np.zeros(2000), -np.inf], r"0 NaN, 1 infinite"),
         ("too long", np.zeros(int(2.5 * RATE), np.float32), r"2\.50 s long .* the limit is 2 s"),
         ("too long wav", wav_bytes(np.zeros(int(2.5 * RATE), np.int16)), "the limit is 2 s"),
         ("int16 as float", PCM.astype(np.float32), "looks like int16 PCM passed as float"),
@@ -157,6 +167,53 @@ def test_refused_inputs_name_the_problem(name, model_input, message):
     assert isinstance(caught.value, MlflowException) and isinstance(caught.value, ValueError)
     assert caught.value.error_code == ErrorCode.Name(ErrorCode.INVALID_PARAMETER_VALUE)
     assert caught.value.get_http_status_code() == 400
+
+
+@pytest.mark.parametrize(
+    ("name", "model_input"),
+    [
+        ("one sample", np.array([0.1])),
+        ("one sample as a list", [0.1]),
+        ("a sample short", WAVE[:1599]),
+        ("short int16", PCM[:100]),
+        ("short wav", wav_bytes(PCM[:100])),
+        ("short batch member", {"waveform": [WAVE, WAVE[:800]]}),
+    ],
+)
+def test_inputs_shorter_than_the_minimum_are_refused_naming_it(name, model_input):
+    with pytest.raises(
+        InvalidAudioError, match=r"the minimum is 0\.1 s \(serving\.min_duration_s\)"
+    ) as caught:
+        parse_input(model_input, sample_rate=RATE, max_duration_s=MAX_S, min_duration_s=MIN_S)
+    assert "at least 1600 samples" in caught.value.message
+    assert caught.value.get_http_status_code() == 400
+
+
+def test_the_minimum_is_at_least_one_frame_and_inclusive():
+    assert parse_input(WAVE[:1600], sample_rate=RATE, min_duration_s=MIN_S)[0].size == 1600  # exactly 0.1 s
+    # A front end whose frame (40 ms) is longer than serving.min_duration_s raises the minimum to a frame.
+    frame = {"sample_rate": RATE, "min_duration_s": 0.01, "frame_s": 0.04}
+    with pytest.raises(
+        InvalidAudioError, match=r"the minimum is 0\.04 s \(one frame of the model's front end"
+    ):
+        parse_input(WAVE[:639], **frame)
+    assert parse_input(WAVE[:640], **frame)[0].size == 640
+
+
+def test_a_request_longer_than_the_total_is_refused_before_any_file_is_decoded(monkeypatch):
+    clip = tone(1.5)  # each under MAX_S; three of them over MAX_TOTAL_S
+    limits = {"sample_rate": RATE, "max_duration_s": MAX_S, "max_total_duration_s": MAX_TOTAL_S}
+    files = [wav_bytes((clip * 32767).astype(np.int16)) for _ in range(3)]
+    decoded = []
+    real_read = soundfile.SoundFile.read
+    monkeypatch.setattr(soundfile.SoundFile, "read", lambda *a, **k: decoded.append(1) or real_read(*a, **k))
+    total = r"4\.50 s of audio in total \(3 inputs, 72000 samples .*the limit is 3 s per request"
+    with pytest.raises(InvalidAudioError, match=total + r" \(serving\.max_total_duration_s\)"):
+        parse_input({"wav": files}, **limits)
+    assert decoded == []  # refused on the headers alone
+    with pytest.raises(InvalidAudioError, match=r"3\.10 s of audio in total \(3 inputs"):
+        parse_input([clip, clip, clip[:1600]], **limits)  # float samples: 1.5 + 1.5 + 0.1 s
+    assert len(parse_input(files[:2], **limits)) == 2 and decoded == [1, 1]  # 3 s: at the limit is fine
 
 
 def test_a_refused_request_is_not_echoed_back_in_full():
@@ -198,7 +255,7 @@ def test_ensemble_averages_probabilities_and_attention_over_members():
     model = serving.SerEnsemblePyfunc()
     config = {"sample_rate": RATE, "max_duration_s": MAX_S, "dimensions": ["arousal", "valence", "dominance"]}
     model.configure([first, second], {**config, "folds": [0, 1]})
-    out = model.predict(None, [WAVE, WAVE[:10]])
+    out = model.predict(None, [WAVE, WAVE[:1600]])
     # Each member alone says "low" resp. "high"; the mean (0.3, 0.375, 0.325) says "medium".
     assert list(out.columns) == serving.output_columns(DIMENSIONS)  # valence, arousal, dominance
     assert len(out) == 2 and (out["arousal_class"] == 1).all()
@@ -228,6 +285,137 @@ def test_ensemble_members_are_checked_before_logging(tmp_path):
         serving.ensemble_members(tmp_path, SYSTEM, [1, 1], params)
     with pytest.raises(ValueError, match="at least one fold"):
         serving.ensemble_members(tmp_path, SYSTEM, [], params)
+
+
+def _fake_fold_models(train_dir: Path, frame_samples: int) -> None:
+    """config.json of two fold models, as ensemble_members reads them (no weights: nothing is loaded)."""
+    network = {"config": {"sample_rate": RATE, "frame_samples": frame_samples, "hop_samples": 320}}
+    for fold in range(FOLDS):
+        model_dir = train_dir / SYSTEM / f"fold{fold}" / "model"
+        model_dir.mkdir(parents=True)
+        description = {
+            "format": 1,
+            "system": SYSTEM,
+            "dimensions": list(DIMENSIONS),
+            "networks": {"all": network},
+        }
+        (model_dir / "config.json").write_text(json.dumps(description))
+
+
+def test_the_served_model_records_its_limits(tmp_path):
+    _fake_fold_models(tmp_path, frame_samples=640)  # 40 ms frames
+    _, config = serving.ensemble_members(tmp_path, SYSTEM, FOLDS, params_from_dict(TINY_PARAMS))
+    assert {key: config[key] for key in serving.LIMIT_KEYS} == {
+        "max_duration_s": MAX_S,
+        "min_duration_s": MIN_S,
+        "max_total_duration_s": MAX_TOTAL_S,
+        "max_request_bytes": MAX_BYTES,
+    }
+    # serving.min_duration_s below the networks' frame (trained with 40 ms, params now say 5 ms): the
+    # frame is the minimum the model records.
+    low = params_from_dict(
+        {
+            **TINY_PARAMS,
+            "features": {**TINY_PARAMS["features"], "frame_ms": 5, "hop_ms": 5},
+            "serving": {**TINY_PARAMS["serving"], "min_duration_s": 0.01},
+        }
+    )
+    _, config = serving.ensemble_members(tmp_path, SYSTEM, FOLDS, low)
+    assert config["min_duration_s"] == pytest.approx(0.04)
+    model = serving.SerEnsemblePyfunc()
+    model.configure([StubPredictor({}, [])], {**config, "folds": [0]})
+    assert model.limits().min_samples == 640 and model.max_request_bytes == MAX_BYTES
+    with pytest.raises(InvalidAudioError, match=r"the minimum is 0\.04 s"):
+        model.predict(None, WAVE[:600])
+    # A serving.json from before the limits: ServingParams' defaults.
+    old = {k: v for k, v in config.items() if k not in serving.LIMIT_KEYS or k == "max_duration_s"}
+    model.configure([StubPredictor({}, [])], {**old, "folds": [0]})
+    assert (model.min_duration_s, model.max_total_duration_s) == (0.1, 120.0)
+    assert model.max_request_bytes == 16_000_000
+    _fake_fold_models(tmp_path / "long", frame_samples=3 * RATE)  # a frame longer than max_duration_s
+    with pytest.raises(ValueError, match=r"3 s frame\) must be .* at most serving\.max_duration_s \(2 s\)"):
+        serving.ensemble_members(tmp_path / "long", SYSTEM, FOLDS, params_from_dict(TINY_PARAMS))
+
+
+def test_fold_models_take_the_minimum_from_their_networks():
+    class Network:
+        config = type("Config", (), {"sample_rate": RATE, "frame_samples": 3200, "hop_samples": 160})
+
+    predictor = StubPredictor({d: [0.2, 0.3, 0.5] for d in DIMENSIONS}, [1.0])
+    predictor.networks = {"all": Network()}
+    model = serving.AudioPyfunc()  # as tracking.SerModelPyfunc: members, no serving.json
+    model.predictors = [predictor]
+    with pytest.raises(InvalidAudioError, match=r"the minimum is 0\.2 s \(one frame"):
+        model.predict(None, WAVE[:3000])
+    assert len(model.predict(None, WAVE[:3200])) == 1
+
+
+# --- sermtl serve's request-size limit, as ASGI (no server) --------------------------------------------
+
+
+def _asgi(app, headers: dict[str, str], chunks: list[bytes]):
+    """Run one HTTP request through an ASGI app: (status, body, calls of receive)."""
+    import asyncio
+
+    messages = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)
+    ]
+    sent, calls = [], []
+
+    async def receive():
+        calls.append(1)
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/invocations",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+    asyncio.run(app(scope, receive, send))
+    status = next((m["status"] for m in sent if m["type"] == "http.response.start"), None)
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"), len(calls)
+
+
+def test_request_size_limit_answers_413_before_the_app_reads_the_body():
+    from sermtl.scoring import RequestSizeLimit
+
+    seen = []
+
+    async def inner(scope, receive, send):
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        seen.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = RequestSizeLimit(inner, max_bytes=100)
+    # Content-Length over the limit: 413 naming both sizes; the body is read and thrown away, never stored.
+    status, body, calls = _asgi(app, {"content-length": "150"}, [b"x" * 50] * 3)
+    assert status == 413 and seen == [] and calls == 3
+    error = json.loads(body)
+    assert error["error_code"] == "REQUEST_LIMIT_EXCEEDED"
+    assert "150 bytes; the limit is 100 bytes (serving.max_request_bytes)" in error["message"]
+    # Expect: 100-continue: refused on the headers, before the client sends anything.
+    status, _, calls = _asgi(app, {"content-length": "10000000000", "expect": "100-continue"}, [b"x"])
+    assert (status, calls, seen) == (413, 0, [])
+    # Too long to wait for: refused without reading (the connection is closed).
+    status, _, calls = _asgi(
+        RequestSizeLimit(inner, 100, drain_max_bytes=1000), {"content-length": "5000"}, [b"x"]
+    )
+    assert (status, calls, seen) == (413, 0, [])
+    # Chunked (no Content-Length): refused once past the limit.
+    status, body, _ = _asgi(app, {"transfer-encoding": "chunked"}, [b"x" * 60, b"x" * 60, b"x" * 60])
+    assert status == 413 and seen == [] and b"(chunked) is at least 120 bytes; the limit is 100 bytes" in body
+    # At the limit: the app gets the whole body, chunked or not.
+    assert _asgi(app, {"transfer-encoding": "chunked"}, [b"a" * 60, b"b" * 40])[:2] == (200, b"ok")
+    assert _asgi(app, {"content-length": "100"}, [b"c" * 100])[:2] == (200, b"ok")
+    assert seen == [b"a" * 60 + b"b" * 40, b"c" * 100]
 
 
 def test_signature_has_no_input_schema_and_the_attention_param():
@@ -349,16 +537,20 @@ def test_logged_ensemble_loads_and_predicts_like_its_members(registered, train_d
 
 
 class ScoringServer:
-    """`mlflow models serve` of a registered model, in its own process group, on loopback."""
+    """`mlflow models serve` (or `sermtl serve`, with sermtl=True) of a registered model, in its own
+    process group, on loopback."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, directory: Path) -> None:
+    def __init__(self, model_uri: str, tracking_uri: str, directory: Path, sermtl: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.log_path = directory / "scoring-server.log"
         env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
         # The server execs `uvicorn` by name: the venv's bin must be on PATH (as in an activated venv).
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        command = [*mlflow_command(), "models", "serve", "-m", model_uri, "--env-manager", "local"]
+        if sermtl:
+            command = [sys.executable, "-m", "sermtl.cli", "serve", "-m", model_uri]
+        else:
+            command = [*mlflow_command(), "models", "serve", "-m", model_uri, "--env-manager", "local"]
         command += ["-h", LOOPBACK, "-p", str(self.port), "-w", "1"]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -384,13 +576,21 @@ class ScoringServer:
             time.sleep(0.25)
         raise TimeoutError(f"scoring server not ready in {timeout_s}s:\n{self.log_path.read_text()[-3000:]}")
 
-    def invoke(self, payload: dict | str):
+    def invoke(self, payload: dict | str | bytes | Iterator[bytes]):
+        """POST /invocations; a generator of bytes is sent chunked (no Content-Length)."""
         import requests
 
-        body = payload if isinstance(payload, str) else json.dumps(payload)
+        body = json.dumps(payload) if isinstance(payload, dict) else payload
         return requests.post(
             f"{self.url}/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=60
         )
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and its children (uvicorn workers)."""
+        import psutil
+
+        root = psutil.Process(self.process.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
 
 @pytest.mark.slow
@@ -413,8 +613,10 @@ def test_scoring_server_over_http(registered, train_dir, tmp_path):
         _assert_matches(row, expected)
         assert set(row) == set(serving.output_columns(DIMENSIONS))
         assert len(ok({"inputs": [waveform.tolist(), waveform.tolist()]})) == 2
-        ragged = {"dataframe_split": {"columns": ["waveform"], "data": [[waveform.tolist()], [[0.1] * 900]]}}
+        # The second input is exactly the minimum, serving.min_duration_s: short, but taken.
+        ragged = {"dataframe_split": {"columns": ["waveform"], "data": [[waveform.tolist()], [[0.1] * 1600]]}}
         assert len(ok(ragged)) == 2
+        assert len(ok({"inputs": tone(MIN_S).tolist()})) == 1
         (from_wav,) = ok({"dataframe_split": {"columns": ["wav"], "data": [[wav]]}})
         _assert_matches(from_wav, expected)
         (from_wav_inputs,) = ok({"inputs": wav})
@@ -428,10 +630,18 @@ def test_scoring_server_over_http(registered, train_dir, tmp_path):
         )
 
         too_long = np.zeros(int(2.5 * RATE)).tolist()
+        too_much = [tone(1.6).tolist(), tone(1.6, seed=1).tolist()]  # each under MAX_S, together over
         bad = {
+            "one sample": ({"inputs": [0.1]}, "the minimum is 0.1 s (serving.min_duration_s)"),
+            "a sample short": ({"inputs": tone(MIN_S)[:-1].tolist()}, "at least 1600 samples"),
+            "total": ({"inputs": too_much}, "3.20 s of audio in total"),
+            "total limit": (
+                {"dataframe_split": {"columns": ["waveform"], "data": [[too_much[0]], [too_much[1]]]}},
+                "the limit is 3 s per request (serving.max_total_duration_s)",
+            ),
             "empty": ({"inputs": []}, "empty"),
             "int64 values": ({"inputs": list(range(-500, 500))}, "integer dtype int64"),
-            "NaN": ('{"inputs": [0.0, NaN, 0.5]}', "1 NaN"),
+            "NaN": ('{"inputs": [0.0, NaN' + ", 0.5" * 2000 + "]}", "1 NaN"),
             "too long": ({"inputs": too_long}, "the limit is 2 s"),
             "int16 as float": (
                 {"inputs": PCM.astype(float).tolist()},
@@ -464,5 +674,73 @@ def test_scoring_server_over_http(registered, train_dir, tmp_path):
         (row,) = ok({"inputs": waveform.tolist()})
         _assert_matches(row, expected)
         print(f"\nensemble logged in {registered['log_s']:.1f}s; scoring server ready in {boot_s:.1f}s")
+    finally:
+        stop_process_group(server.process)
+
+
+@pytest.mark.slow
+def test_sermtl_serve_refuses_large_bodies_before_reading_them(registered, train_dir, tmp_path):
+    import socket
+
+    started = time.monotonic()
+    server = ScoringServer(f"models:/{MODEL_NAME}@champion", registered["uri"], tmp_path, sermtl=True)
+    try:
+        server.wait_ready()
+        boot_s = time.monotonic() - started
+        # The limit is the one recorded in the model (serving.max_request_bytes), not a default.
+        assert f"request bodies over {MAX_BYTES} bytes are refused with 413" in server.log_path.read_text()
+        waveform = PCM.astype(np.float32) / 32768
+        expected = _expected(train_dir, waveform)
+
+        def still_serving(chunked: bool = False) -> None:
+            request = json.dumps({"dataframe_split": {"columns": ["wav"], "data": [[b64(wav_bytes(PCM))]]}})
+            response = server.invoke(
+                iter([request[:100].encode(), request[100:].encode()]) if chunked else request
+            )
+            assert response.status_code == 200, response.text[:500]
+            _assert_matches(response.json()["predictions"][0], expected)
+
+        def refused(response, what: str) -> None:
+            assert response.status_code == 413, (response.status_code, response.text[:500])
+            body = response.json()
+            assert body["error_code"] == "REQUEST_LIMIT_EXCEEDED"
+            assert what in body["message"], body["message"]
+            assert f"the limit is {MAX_BYTES} bytes (serving.max_request_bytes)" in body["message"]
+
+        still_serving()  # the model has run once before memory is measured
+        rss_before = server.rss_bytes()
+        # The probe's request: 600 s of float samples as JSON (~77 MB). Refused on its Content-Length,
+        # the body read and thrown away (never parsed, never held), the worker free at once.
+        big = ('{"inputs": [' + ", ".join(["0.0123"] * (600 * RATE)) + "]}").encode()
+        request_started = time.monotonic()
+        refused(server.invoke(big), f"the request body is {len(big)} bytes")
+        refuse_s = time.monotonic() - request_started
+        assert refuse_s < 5, refuse_s
+        still_serving()
+        # Chunked (no Content-Length): refused once past the limit.
+        chunks = (big[i : i + 2**20] for i in range(0, 8 * 2**20, 2**20))
+        refused(server.invoke(chunks), "the request body (chunked) is at least")
+        still_serving(chunked=True)  # a chunked body under the limit reaches MLflow's app whole
+        # Expect: 100-continue (as curl sends for large bodies): the 413 comes before any body is sent.
+        with socket.create_connection((LOOPBACK, server.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /invocations HTTP/1.1\r\nHost: scoring\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n"
+            )
+            assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
+        growth = server.rss_bytes() - rss_before
+        assert growth < 50 * 2**20, f"the server grew by {growth / 2**20:.0f} MB"
+        # Under the limit, the body reaches MLflow's app and the model's own limits: 400 naming them.
+        under = ('{"inputs": [' + ", ".join(["0.0123"] * ((MAX_BYTES - 100) // 8)) + "]}").encode()
+        assert len(under) <= MAX_BYTES
+        response = server.invoke(under)
+        assert response.status_code == 400 and "the limit is 2 s (serving.max_duration_s)" in response.text
+        response = server.invoke({"inputs": [0.1]})
+        assert response.status_code == 400 and "the minimum is 0.1 s" in response.json()["message"]
+        still_serving()
+        print(
+            f"\nsermtl serve ready in {boot_s:.1f}s; {len(big) / 1e6:.1f} MB refused in {refuse_s:.2f}s, "
+            f"server RSS {growth / 2**20:+.1f} MB after the refusals"
+        )
     finally:
         stop_process_group(server.process)

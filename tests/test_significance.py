@@ -1,4 +1,5 @@
-"""Paired significance tests: known answers, exact references, pairing errors, reports and the CLI."""
+"""Paired significance tests: known answers, exact references, pairing errors, the resampling unit
+(calibration under speaker effects), reports and the CLI."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from sermtl.metrics import PREDICTION_COLUMNS, uar
 from sermtl.params import Params
 from sermtl.schema import SIGNIFICANCE_HTML, SIGNIFICANCE_JSON, SIGNIFICANCE_MARKDOWN
 from sermtl.significance import (
+    EXACT_SIGN_FLIP_CLUSTERS,
     TESTS,
     SignificanceReport,
     Verdict,
@@ -26,14 +28,22 @@ from sermtl.significance import (
     bootstrap_differences,
     bootstrap_p_value,
     cell_counts,
+    cluster_bootstrap_differences,
+    cluster_cell_counts,
     decisive,
     holm,
     mcnemar_exact,
+    min_clusters,
     odds_ratio,
     paired_uars,
     permutation_differences,
     permutation_p_value,
     read_report,
+    resampling_test,
+    sign_flip_contributions,
+    sign_flip_interval,
+    sign_flip_p_value,
+    sign_flips,
     significance_tests,
     to_html,
     to_markdown,
@@ -45,7 +55,9 @@ DIMENSIONS = ["arousal", "valence", "dominance"]
 
 
 def make_params(**significance) -> Params:
-    settings = {"baselines": ["baseline"], "resamples": 2000, **significance}
+    """The known-answer tests below are utterance-level (one speaker); the unit has tests of its own."""
+    settings = {"baselines": ["baseline"], "resamples": 2000, "unit": "utterance", "resampling": "bootstrap"}
+    settings.update(significance)
     base = Params()
     return dataclasses.replace(base, significance=dataclasses.replace(base.significance, **settings))
 
@@ -433,15 +445,15 @@ def test_decisive_reports_each_comparison(mixed_report):
 
 def test_markdown_and_html_show_every_comparison(mixed_report):
     markdown = to_markdown(mixed_report)
-    lines = [
-        line for line in markdown.splitlines() if line.startswith("| weak") or line.startswith("| strong")
-    ]
+    main, per_speaker = markdown.split("Per-speaker UAR")
+    lines = [line for line in main.splitlines() if line.startswith("| weak") or line.startswith("| strong")]
     assert len(lines) == 6
     assert all(line.count(" **") == 3 for line in lines if line.startswith("| weak"))
     assert all(line.count(" --") == 3 for line in lines if line.startswith("| strong"))
     assert "Holm-adjusted over the 6 (baseline, dimension) comparisons" in markdown and "`*`" in markdown
+    assert "| weak | arousal | Ses01_F | 2000 | 0.600 | 0.400 | +20.0 |" in per_speaker  # one speaker
     page = to_html(mixed_report)
-    assert "data:image/png;base64," in page and page.count("<tr>") == 7
+    assert page.count("data:image/png;base64,") == 2 and page.count("<tr>") == 7 + 7
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert "<td>strong</td><td>arousal</td>" in page
 
@@ -502,3 +514,307 @@ def test_too_few_resamples_for_the_family_is_an_error_naming_the_key(contrast):
     predictions = frame(labels, {"mtl_attention": good, "baseline": bad})
     with pytest.raises(ValueError, match=r"significance.resamples: 10 resamples can never reach alpha"):
         significance_tests(predictions, make_params(resamples=10))
+
+
+# --- McNemar's direction -----------------------------------------------------------------------------------
+
+
+def test_mcnemar_direction_follows_the_discordant_counts_not_the_uar_difference():
+    """More accurate (b = 132 > c = 68, p ~ 1e-5) yet 2.4 points lower in UAR: McNemar says better."""
+    # per class: (proposed right, baseline right) -> count; class 0 is large, classes 1 and 2 small
+    cells = {
+        0: {(1, 1): 600, (1, 0): 132, (0, 1): 53, (0, 0): 215},
+        1: {(1, 1): 60, (1, 0): 0, (0, 1): 8, (0, 0): 32},
+        2: {(1, 1): 60, (1, 0): 0, (0, 1): 7, (0, 0): 33},
+    }
+    labels, proposed, baseline = [], [], []
+    for k, table in cells.items():
+        for (right_p, right_b), count in table.items():
+            labels += [k] * count
+            proposed += [k if right_p else (k + 1) % 3] * count
+            baseline += [k if right_b else (k + 2) % 3] * count
+    labels, proposed, baseline = (np.array(v) for v in (labels, proposed, baseline))
+    report = significance_tests(
+        frame(labels, {"mtl_attention": proposed, "baseline": baseline}), make_params()
+    )
+    for c in report.comparisons:
+        assert (c.discordant_proposed, c.discordant_baseline) == (132, 68)
+        assert c.difference == pytest.approx(-0.0237, abs=5e-4)  # lower UAR ...
+        assert (
+            c.p["mcnemar"] == pytest.approx(stats.binomtest(132, 200, 0.5).pvalue) and c.p["mcnemar"] < 1e-4
+        )
+        assert c.better["mcnemar"] and not c.worse["mcnemar"]  # ... but right more often
+    assert set(decisive(report, "mcnemar").values()) == {Verdict(better=True, worse=False)}
+
+
+# --- the resampling unit -----------------------------------------------------------------------------------
+
+SPEAKERS = [f"Ses{s:02d}_{g}" for s in range(1, 6) for g in "FM"]
+CLASS_SHARES = np.array([0.3, 0.45, 0.25])
+
+
+def speaker_frame(
+    per_speaker: list[tuple[np.ndarray, dict[str, np.ndarray]]], dialogs: int = 1
+) -> pd.DataFrame:
+    """Prediction table over IEMOCAP speakers: (labels, {system: predictions}) per speaker of SPEAKERS."""
+    parts = []
+    for speaker, (labels, systems) in zip(SPEAKERS, per_speaker, strict=False):
+        session, letter = int(speaker[3:5]), speaker[-1]
+        ids = [f"Ses{session:02d}F_impro{1 + i % dialogs:02d}_{letter}{i:03d}" for i in range(len(labels))]
+        for system, predictions in systems.items():
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "utterance_id": ids,
+                        "system": system,
+                        "fold": session - 1,
+                        "test_session": session,
+                        "dimension": "arousal",
+                        "improvised": True,
+                        "label": labels,
+                        "prediction": predictions,
+                        "prob_low": 1 / 3,
+                        "prob_medium": 1 / 3,
+                        "prob_high": 1 / 3,
+                    }
+                )
+            )
+    return pd.concat(parts, ignore_index=True).astype(PREDICTION_COLUMNS)
+
+
+def arousal_only(params: Params) -> Params:
+    return dataclasses.replace(params, eval=dataclasses.replace(params.eval, dimensions=["arousal"]))
+
+
+def per_speaker_accuracies(rng, accuracies: list[tuple[float, float]], n: int = 60):
+    out = []
+    for accuracy_p, accuracy_b in accuracies:
+        labels = rng.choice(3, size=n, p=CLASS_SHARES)
+        out.append(
+            (
+                labels,
+                {
+                    "mtl_attention": with_accuracy(labels, accuracy_p, rng),
+                    "baseline": with_accuracy(labels, accuracy_b, rng),
+                },
+            )
+        )
+    return out
+
+
+def test_default_unit_is_the_speaker_with_the_exact_sign_flip_test():
+    settings = Params().significance
+    assert (settings.unit, settings.resampling) == ("speaker", "permutation")
+    # every speaker favours the proposed system: the exact test's smallest p, 2 / 2^10
+    rng = np.random.default_rng(20)
+    data = per_speaker_accuracies(rng, [(0.7 + 0.01 * j, 0.5) for j in range(10)])
+    report = significance_tests(speaker_frame(data), arousal_only(Params()))
+    (c,) = report.comparisons
+    assert report.params["unit"] == "speaker" and (c.unit, c.clusters) == ("speaker", 10)
+    assert c.p["resampling"] == pytest.approx(2 / 1024) and c.better["resampling"]
+    assert 0 < c.ci_low < c.difference < c.ci_high
+    assert [s.speaker for s in c.speakers] == SPEAKERS
+    for s, (labels, systems) in zip(c.speakers, data, strict=True):
+        assert s.n == len(labels)
+        assert s.uar_proposed == pytest.approx(uar(labels, systems["mtl_attention"]))
+        assert s.uar_baseline == pytest.approx(uar(labels, systems["baseline"]))
+        assert s.difference == pytest.approx(s.uar_proposed - s.uar_baseline)
+    markdown = to_markdown(report)
+    assert "resampling unit: speaker" in markdown and "all 2^10 sign patterns enumerated" in markdown
+    assert "| baseline | arousal | 600 | 10 |" in markdown  # n, then the number of speakers
+    assert "| baseline | arousal | Ses03_M | 60 |" in markdown
+    page = to_html(report)
+    assert page.count("data:image/png;base64,") == 2 and "<td>Ses05_M</td>" in page
+
+
+def test_sign_flip_p_matches_brute_force_swaps_of_whole_speakers():
+    """Swap the two systems' predictions for every subset of 6 speakers; compute UAR from scratch."""
+    rng = np.random.default_rng(21)
+    data = per_speaker_accuracies(
+        rng, [(0.7, 0.5), (0.6, 0.55), (0.5, 0.6), (0.8, 0.4), (0.55, 0.5), (0.65, 0.6)], n=40
+    )
+    labels = np.concatenate([d[0] for d in data])
+    first = np.concatenate([d[1]["mtl_attention"] for d in data])
+    second = np.concatenate([d[1]["baseline"] for d in data])
+    speaker = np.repeat(np.arange(6), 40)
+    observed = uar(labels, first) - uar(labels, second)
+    extreme = 0
+    for swap in itertools.product([False, True], repeat=6):
+        swapped = np.asarray(swap)[speaker]
+        a, b = np.where(swapped, second, first), np.where(swapped, first, second)
+        extreme += abs(uar(labels, a) - uar(labels, b)) >= abs(observed) - 1e-12
+    counts = cluster_cell_counts(speaker, labels, first == labels, second == labels, 6)
+    flips = sign_flips(counts, 10, np.random.default_rng(0))
+    assert flips.exact and flips.shares.size == 64
+    assert sign_flip_p_value(flips, observed) == extreme / 64
+    assert sign_flip_contributions(counts)[0].sum() == pytest.approx(observed)
+    assert sign_flip_contributions(counts)[1].sum() == pytest.approx(1.0)
+    # the same through the report (correction none: one comparison)
+    params = arousal_only(make_params(unit="speaker", resampling="permutation", correction="none"))
+    report = significance_tests(speaker_frame(data), params)
+    assert report.comparisons[0].p["resampling"] == extreme / 64
+
+
+def test_sampled_sign_flips_above_the_exact_limit_agree_with_enumeration():
+    rng = np.random.default_rng(22)
+    counts = rng.integers(0, 30, size=(EXACT_SIGN_FLIP_CLUSTERS, 12))
+    exact = sign_flips(counts, 0, rng)
+    observed = exact.shares[0] * 0.3  # somewhere inside the distribution
+    sampled = sign_flips(np.vstack([counts, np.zeros((1, 12), dtype=np.int64)]), 200_000, rng)
+    assert exact.exact and not sampled.exact and sampled.shares.size == 200_000
+    assert sign_flip_p_value(sampled, observed) == pytest.approx(
+        sign_flip_p_value(exact, observed), abs=0.005
+    )
+
+
+def test_cluster_bootstrap_agrees_with_resampling_speakers_naively():
+    rng = np.random.default_rng(23)
+    sizes = [30, 80, 50, 60, 40, 70]
+    data = [
+        per_speaker_accuracies(rng, [(0.5 + 0.05 * j, 0.6 - 0.03 * j)], n=n)[0] for j, n in enumerate(sizes)
+    ]
+    naive = []
+    for _ in range(3000):
+        pick = rng.integers(0, 6, 6)
+        labels = np.concatenate([data[j][0] for j in pick])
+        a = np.concatenate([data[j][1]["mtl_attention"] for j in pick])
+        b = np.concatenate([data[j][1]["baseline"] for j in pick])
+        naive.append(uar(labels, a) - uar(labels, b))
+    counts = np.stack(
+        [cell_counts(lab, sys["mtl_attention"] == lab, sys["baseline"] == lab) for lab, sys in data]
+    )
+    fast = cluster_bootstrap_differences(counts, 3000, rng, chunk=700)
+    assert np.mean(fast) == pytest.approx(np.mean(naive), abs=0.005)
+    assert np.std(fast) == pytest.approx(np.std(naive), rel=0.08)
+    assert np.quantile(fast, [0.025, 0.975]) == pytest.approx(np.quantile(naive, [0.025, 0.975]), abs=0.015)
+
+
+def test_sign_flip_interval_is_the_inverted_test():
+    rng = np.random.default_rng(24)
+    for trial in range(5):
+        counts = simulated_speakers(rng, 0.04, effect=0.02 * trial)
+        proposed, baseline = paired_uars(counts.sum(axis=0))
+        observed = float(proposed - baseline)
+        flips = sign_flips(counts, 0, rng)
+        low, high = sign_flip_interval(flips, observed, 0.95)
+        assert low < observed < high
+        assert (low > 0 or high < 0) == (sign_flip_p_value(flips, observed) <= 0.05)
+        assert sign_flip_p_value(flips, observed, shift=low + 1e-6) > 0.05
+        assert sign_flip_p_value(flips, observed, shift=low - 1e-3) <= 0.05
+
+
+def simulated_speakers(rng: np.random.Generator, sd: float, effect: float = 0.0) -> np.ndarray:
+    """Cell counts (10 speakers x 12) of one simulated study with speaker-level random effects.
+
+    Each speaker has 100-1000 utterances of 3 classes; both systems' accuracy on a speaker is 0.6 plus a
+    shared speaker effect (sd 0.08) plus a system-specific one (sd `sd`, mean 0: no true difference
+    unless `effect` is added to the proposed system). Given the speaker, half the utterances are equally
+    hard for both systems (their correctness is correlated, as real systems' is), the rest independent.
+    """
+    k = len(SPEAKERS)
+    n = rng.integers(100, 1001, size=k)
+    shared = rng.normal(0, 0.08, size=k)
+    p_a = np.clip(0.6 + effect + shared + rng.normal(0, sd, size=k), 0.05, 0.95)
+    p_b = np.clip(0.6 + shared + rng.normal(0, sd, size=k), 0.05, 0.95)
+    both = 0.5 * np.minimum(p_a, p_b) + 0.5 * p_a * p_b
+    joint = np.stack([1 - p_a - p_b + both, p_b - both, p_a - both, both], axis=1)  # (p, b) 00 01 10 11
+    return rng.multinomial(n, (CLASS_SHARES[None, :, None] * joint[:, None, :]).reshape(k, 12))
+
+
+@pytest.mark.parametrize("sd", [0.02, 0.04])
+def test_default_unit_keeps_the_false_positive_rate_of_a_study_without_difference(sd):
+    """400 simulated studies with speaker effects and no true difference, at alpha 0.05 (uncorrected).
+
+    The default (speaker sign flips) is exact, so about 0.05; resampling utterances (what the tests did
+    before significance.unit) calls far more of them significant.
+    """
+    default = dataclasses.replace(Params().significance, resamples=999)
+    assert default.unit == "speaker"  # the simulation below is of speakers
+    rng = np.random.default_rng(int(sd * 1000))
+    studies = 400
+    default_hits = utterance_hits = 0
+    for _ in range(studies):
+        counts = simulated_speakers(rng, sd)
+        pooled = counts.sum(axis=0)
+        p, _, _ = resampling_test(pooled, counts, default, rng)
+        default_hits += p < 0.05
+        proposed, baseline = paired_uars(pooled)
+        utterance_p = permutation_p_value(permutation_differences(pooled, 999, rng), proposed - baseline)
+        utterance_hits += utterance_p < 0.05
+    default_rate, utterance_rate = default_hits / studies, utterance_hits / studies
+    print(
+        f"speaker effect sd {sd}: false-positive rate {default_rate:.3f} ({default.unit}, "
+        f"{default.resampling}) vs {utterance_rate:.3f} (utterance)"
+    )
+    assert default_rate <= 0.08
+    assert utterance_rate > 0.12
+
+
+def test_default_interval_covers_a_true_difference_at_its_confidence():
+    """300 simulated studies with a true 3-point difference and speaker effects of sd 0.04: the default's
+    interval (the inverted sign-flip test) misses it about 5% of the time; a percentile cluster bootstrap
+    over the 10 speakers (printed beside it) misses it about twice as often."""
+    default = dataclasses.replace(Params().significance, resamples=999)
+    rng = np.random.default_rng(27)
+    studies = 300
+    missed = missed_bootstrap = 0
+    for _ in range(studies):
+        counts = simulated_speakers(rng, 0.04, effect=0.03)
+        _, low, high = resampling_test(counts.sum(axis=0), counts, default, rng)
+        missed += not low <= 0.03 <= high
+        low, high = np.quantile(cluster_bootstrap_differences(counts, 999, rng), [0.025, 0.975])
+        missed_bootstrap += not low <= 0.03 <= high
+    print(
+        f"non-coverage at 95%: {missed / studies:.3f} (default), "
+        f"{missed_bootstrap / studies:.3f} (percentile cluster bootstrap)"
+    )
+    assert missed / studies <= 0.08
+
+
+def test_too_few_clusters_and_foreign_ids_are_errors_naming_the_unit():
+    rng = np.random.default_rng(25)
+    predictions = speaker_frame(per_speaker_accuracies(rng, [(0.8, 0.4)] * 10))
+    with pytest.raises(ValueError, match=r"significance.unit: 'session' gives only 5 session\(s\)") as caught:
+        significance_tests(predictions, arousal_only(make_params(unit="session")))
+    assert "needs at least 6 sessions" in str(caught.value)  # one comparison: 2 / 2^6 < 0.05
+    assert min_clusters(12, 0.05) == 9 and min_clusters(1, 0.05) == 6 and min_clusters(3, 0.05) == 7
+    nine = speaker_frame(per_speaker_accuracies(rng, [(0.8, 0.4)] * 9))
+    twelve = dataclasses.replace(
+        make_params(unit="speaker"), eval=dataclasses.replace(Params().eval, dimensions=["arousal"])
+    )
+    assert significance_tests(nine, twelve).comparisons[0].clusters == 9
+    labels = np.zeros(30, dtype=np.int64)
+    with pytest.raises(ValueError, match=r"significance.unit: 'speaker' gives only 1 speaker"):
+        significance_tests(
+            frame(labels, {"mtl_attention": labels, "baseline": labels}), make_params(unit="speaker")
+        )
+    foreign = frame(labels, {"mtl_attention": labels, "baseline": labels})
+    foreign["utterance_id"] = [f"utt{i % 30}" for i in range(len(foreign))]
+    with pytest.raises(ValueError, match=r"significance.unit: 'dialog' takes the dialog from IEMOCAP"):
+        significance_tests(foreign, make_params(unit="dialog"))
+    assert significance_tests(foreign, make_params()).comparisons[0].speakers == []  # utterance: fine
+
+
+def test_dialog_unit_resamples_dialogs_with_sampled_sign_flips():
+    rng = np.random.default_rng(26)
+    predictions = speaker_frame(per_speaker_accuracies(rng, [(0.7, 0.5)] * 10), dialogs=4)
+    for resampling in ("permutation", "bootstrap"):
+        params = arousal_only(make_params(unit="dialog", resampling=resampling))
+        (c,) = significance_tests(predictions, params).comparisons
+        assert (c.unit, c.clusters) == ("dialog", 20)  # 4 dialogs per session, shared by both speakers
+        assert c.ci_low < c.difference < c.ci_high and c.better["resampling"]
+    assert "B = 2000 random sign patterns" in to_markdown(
+        significance_tests(predictions, arousal_only(make_params(unit="dialog", resampling="permutation")))
+    )
+
+
+def test_reports_without_the_unit_fields_still_read(mixed_report, tmp_path):
+    raw = mixed_report.to_dict()
+    for item in raw["comparisons"]:
+        for key in ("unit", "clusters", "speakers"):
+            del item[key]
+    del raw["params"]["unit"]
+    old = SignificanceReport.from_dict(json.loads(json.dumps(raw)))
+    assert all(c.unit == "utterance" and c.clusters == c.n and c.speakers == [] for c in old.comparisons)
+    assert decisive(old, "resampling") == decisive(mixed_report, "resampling")
+    assert "Per-speaker" not in to_markdown(old) and to_html(old).count("data:image/png") == 1

@@ -15,6 +15,7 @@ from scipy.stats import spearmanr
 
 from sermtl import synth
 from sermtl.corpus import parse_emo_evaluation
+from sermtl.fsutil import OUTPUT_MARKER, OutputFolderError
 from sermtl.synth import synthesize
 
 HEADER_RE = re.compile(
@@ -131,11 +132,12 @@ def wav_of(root: Path, block: Block) -> Path:
 
 
 def test_layout_and_file_count(medium, medium_blocks):
-    assert sorted(p.name for p in medium.iterdir()) == [f"Session{n}" for n in range(1, 6)]
+    # Beside the sessions only the marker of `sermtl synth` (ingestion and .dvcignore leave it out).
+    assert sorted(p.name for p in medium.iterdir()) == [OUTPUT_MARKER] + [f"Session{n}" for n in range(1, 6)]
     assert len(medium_blocks) == 200
     assert len({b.uid for b in medium_blocks}) == 200
     all_files = [p for p in medium.rglob("*") if p.is_file()]
-    assert not [p for p in all_files if p.name.startswith(".")]
+    assert [p for p in all_files if p.name.startswith(".")] == [medium / OUTPUT_MARKER]
     wavs = sorted(p for p in all_files if p.suffix == ".wav")
     assert wavs == sorted(wav_of(medium, b) for b in medium_blocks)
     dialogs = defaultdict(set)
@@ -155,9 +157,10 @@ def test_layout_and_file_count(medium, medium_blocks):
         assert {p.name for p in (s / "sentences/wav").iterdir()} == names
         impro = sum("_impro" in d for d in names)
         assert 0.3 <= impro / len(names) <= 0.7
-    # File count: per dialog 1 EmoEvaluation + 3 decoys + 1 transcription, plus one wav per utterance.
+    # File count: per dialog 1 EmoEvaluation + 3 decoys + 1 transcription, plus one wav per utterance,
+    # plus the marker.
     n_dialogs = sum(len(v) for v in dialogs.values())
-    assert len(all_files) == 5 * n_dialogs + 200
+    assert len(all_files) == 5 * n_dialogs + 200 + 1
     # No temporary or set-aside folders are left next to the corpus.
     assert [p.name for p in medium.parent.iterdir()] == ["IEMOCAP_full_release"]
 
@@ -437,9 +440,16 @@ def test_refuses_to_replace_what_is_not_a_corpus(tmp_path):
     target = tmp_path / "data"
     target.mkdir()
     (target / "precious.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="does not look like a corpus"):
+    with pytest.raises(OutputFolderError, match="refusing to replace it"):
         synthesize(target, utterances=60)
     assert (target / "precious.txt").read_text() == "keep me"
+    # A real corpus has the same layout: without the marker of `sermtl synth` it is never replaced.
+    real = tmp_path / "IEMOCAP_full_release"
+    for name in ("Session1/sentences/wav", "Documentation"):
+        (real / name).mkdir(parents=True)
+    with pytest.raises(OutputFolderError, match="may be a real corpus"):
+        synthesize(real, utterances=60)
+    assert sorted(p.name for p in real.iterdir()) == ["Documentation", "Session1"]
     empty = tmp_path / "empty"
     empty.mkdir()
     assert synthesize(empty, utterances=60, mean_duration_s=0.8).utterances == 60

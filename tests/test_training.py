@@ -319,5 +319,6 @@ def test_egemaps_systems_are_dispatched(monkeypatch, tmp_path):
 
     monkeypatch.setattr(sermtl, "egemaps", fake, raising=False)
     params = tiny_params()
-    assert train_fold(tmp_path, "egemaps_linear", 2, tmp_path / "out", params) == {"system": "egemaps_linear"}
-    assert calls == [(tmp_path, "egemaps_linear", 2, tmp_path / "out", params)]
+    store = tmp_path / "store"  # beside the run folder: an output may not lie inside an input
+    assert train_fold(store, "egemaps_linear", 2, tmp_path / "out", params) == {"system": "egemaps_linear"}
+    assert calls == [(store, "egemaps_linear", 2, tmp_path / "out", params)]

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from sermtl import validation
+from sermtl.audio import audio_checksum
 from sermtl.params import Params
 from sermtl.schema import (
     AUDIO_FILE,
@@ -86,11 +87,18 @@ def write_ingest(directory: Path, manifest: pd.DataFrame, **store_overrides: obj
     directory.mkdir(parents=True, exist_ok=True)
     manifest.to_parquet(directory / MANIFEST_FILE, index=False)
     total = int((manifest["offset"] + manifest["num_samples"]).max()) if len(manifest) else 0
-    store = {"sample_rate": SAMPLE_RATE, "dtype": "int16", "total_samples": total, **store_overrides}
-    (directory / STORE_META_FILE).write_text(json.dumps(store))
     with open(directory / AUDIO_FILE, "wb") as handle:
         handle.truncate(2 * total)
-    (directory / REPORT_FILE).write_text(json.dumps({"kept": len(manifest), "dropped": 0}))
+    store = {
+        "sample_rate": SAMPLE_RATE,
+        "dtype": "int16",
+        "total_samples": total,
+        "sha256": audio_checksum(directory / AUDIO_FILE),
+        **store_overrides,
+    }
+    (directory / STORE_META_FILE).write_text(json.dumps(store))
+    report = {"kept": len(manifest), "dropped": 0, "wavs_found": len(manifest), "unannotated_wavs": []}
+    (directory / REPORT_FILE).write_text(json.dumps(report))
     return directory
 
 
@@ -261,10 +269,12 @@ def test_single_failure_flips_success(tmp_path: Path) -> None:
     m = make_manifest()
     _set(m, 20, "valence", 2.3)
     _set(m, 20, "valence_class", 1)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.txt").write_text("from an earlier run")
+    stale = tmp_path / "out" / validation.DATA_DOCS_DIR / "stale.html"  # an earlier run's (unmarked) output
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an earlier run")
+    (tmp_path / "out" / validation.SUMMARY_FILE).write_text("{}")
     summary = validate(write_ingest(tmp_path / "ingest", m), tmp_path / "out", Params())
-    assert not (tmp_path / "out" / "stale.txt").exists()  # the output folder is replaced as a whole
+    assert not stale.exists()  # the output folder is replaced as a whole
     assert not summary.success
     assert [f.name for f in summary.failures] == ["valence on the 0.5 rating grid"]
     assert summary.failures[0].examples == [{"utterance_id": uid(m, 20), "valence": 2.3}]

@@ -1,15 +1,18 @@
 """Benchmark: `sermtl.significance.significance_tests` at paper scale, beside a naive per-resample loop.
 
 Data: 10,000 utterances x 3 dimensions x 5 systems (the proposed one and 4 baselines), each system
-right on a given share of utterances, in memory in the prediction-table layout. The vectorised path
-runs the whole study (12 comparisons, `--resamples` resamples each, bootstrap and then permutation,
-pairing and all). The naive path is what a first implementation does: per resample, draw utterance
-indices (bootstrap) or a swap mask (permutation) and call sermtl.metrics.uar twice; it runs
-`--naive-resamples` resamples of one comparison in the same repeat. The speed ratio is taken per repeat
-on the time per (comparison x resample); figures are medians over `--repeats`. Peak RSS is the process
-maximum (ru_maxrss), which includes the interpreter, pandas and the data.
+right on a given share of utterances, in memory in the prediction-table layout; the utterances belong to
+10 speakers (2 per session) and 150 dialogs, as in IEMOCAP. The vectorised path runs the whole study
+(12 comparisons, `--resamples` resamples each, bootstrap and then permutation, pairing and all) at the
+resampling unit `--unit` (default: significance.unit's default). The naive path is what a first
+implementation does at the utterance level: per resample, draw utterance indices (bootstrap) or a swap
+mask (permutation) and call sermtl.metrics.uar twice; it runs `--naive-resamples` resamples of one
+comparison in the same repeat. The speed ratio is taken per repeat on the time per (comparison x
+resample); figures are medians over `--repeats`. Peak RSS is the process maximum (ru_maxrss), which
+includes the interpreter, pandas and the data.
 
     uv run python bench/significance/run.py [--repeats 3] [--resamples 10000] [--utterances 10000]
+        [--unit speaker]
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import pandas as pd
 
 from sermtl.metrics import PREDICTION_COLUMNS, uar
 from sermtl.params import Params
-from sermtl.significance import significance_tests, write_report
+from sermtl.significance import UNITS, significance_tests, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 DIMENSIONS = ["arousal", "valence", "dominance"]
@@ -44,7 +47,13 @@ ACCURACY = {
 
 def build(utterances: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    ids = np.array([f"Ses{1 + i % 5:02d}F_impro01_F{i:05d}" for i in range(utterances)])
+    # session 1-5, dialog 1-30 of the session, speaker F or M: 10 speakers, 150 dialogs
+    ids = np.array(
+        [
+            f"Ses{1 + i % 5:02d}F_impro{1 + i // 10 % 30:02d}_{'FM'[i // 5 % 2]}{i:05d}"
+            for i in range(utterances)
+        ]
+    )
     parts = []
     for dimension in DIMENSIONS:
         labels = rng.choice(3, size=utterances, p=[0.3, 0.45, 0.25])
@@ -101,6 +110,7 @@ def main() -> None:
     parser.add_argument("--naive-resamples", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unit", choices=UNITS, default=Params().significance.unit)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / ".cache" / "significance.json")
     args = parser.parse_args()
 
@@ -112,7 +122,11 @@ def main() -> None:
         kind: dataclasses.replace(
             base,
             significance=dataclasses.replace(
-                base.significance, baselines=baselines, resamples=args.resamples, resampling=kind
+                base.significance,
+                baselines=baselines,
+                resamples=args.resamples,
+                resampling=kind,
+                unit=args.unit,
             ),
         )
         for kind in ("bootstrap", "permutation")
@@ -139,7 +153,8 @@ def main() -> None:
             print(
                 f"run {repeat + 1}: bootstrap {run['bootstrap_s']:.2f} s, "
                 f"permutation {run['permutation_s']:.2f} s "
-                f"({comparisons} comparisons x {args.resamples} resamples); naive per resample "
+                f"({comparisons} comparisons x {args.resamples} resamples, unit {args.unit}); "
+                "naive per resample "
                 f"{1e3 * run['naive_bootstrap_per_resample_s']:.2f} / "
                 f"{1e3 * run['naive_permutation_per_resample_s']:.2f} ms -> speed-up "
                 f"{run['bootstrap_speedup']:.0f}x / {run['permutation_speedup']:.0f}x; "
@@ -155,6 +170,8 @@ def main() -> None:
         "dimensions": len(DIMENSIONS),
         "baselines": len(baselines),
         "resamples": args.resamples,
+        "unit": args.unit,
+        "clusters": report.comparisons[0].clusters,
         "naive_resamples": args.naive_resamples,
         "repeats": args.repeats,
         "median_bootstrap_s": round(median("bootstrap_s"), 3),

@@ -6,6 +6,7 @@ the manifest; readers memory-map it, so an epoch never decodes, resamples or ope
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import struct
@@ -20,6 +21,23 @@ from sermtl.schema import AUDIO_FILE, MANIFEST_FILE, STORE_META_FILE
 
 CLIP_LEVEL = 1.0 - 2.0 / 32768  # within two 16-bit steps of full scale counts as clipped
 STORE_DTYPE = np.int16
+
+
+CHECKSUM_CHUNK_BYTES = 16 << 20
+REINGEST_HINT = "re-create it with `sermtl ingest --force`"
+
+
+class CorruptStoreError(ValueError):
+    """The audio store does not match what ingestion recorded; the message names the file and the fix."""
+
+
+def audio_checksum(path: Path) -> str:
+    """sha256 of a store's sample file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHECKSUM_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class AudioProblem(Exception):
@@ -141,33 +159,58 @@ class AudioStoreWriter:
         self.directory = Path(directory)
         self.sample_rate = sample_rate
         self._file = open(self.directory / AUDIO_FILE, "wb")  # noqa: SIM115 - closed in close()
+        self._digest = hashlib.sha256()
         self.total_samples = 0
 
     def append(self, pcm: np.ndarray) -> tuple[int, int]:
         offset = self.total_samples
-        self._file.write(np.ascontiguousarray(pcm, dtype=STORE_DTYPE).tobytes())
+        data = np.ascontiguousarray(pcm, dtype=STORE_DTYPE).tobytes()
+        self._file.write(data)
+        self._digest.update(data)
         self.total_samples += int(pcm.size)
         return offset, int(pcm.size)
 
     def close(self) -> None:
         self._file.flush()
         self._file.close()
-        meta = {"dtype": "int16", "sample_rate": self.sample_rate, "total_samples": self.total_samples}
+        meta = {
+            "dtype": "int16",
+            "sample_rate": self.sample_rate,
+            "total_samples": self.total_samples,
+            "sha256": self._digest.hexdigest(),
+        }
         (self.directory / STORE_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 class AudioStore:
-    """Read side: the manifest plus a read-only memory map of all samples."""
+    """Read side: the manifest plus a read-only memory map of all samples.
+
+    Opening checks the sample file's size against store.json (a truncated store fails here, naming the
+    file, not later inside numpy); `verify_checksum` also catches same-size corruption.
+    """
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
         for name in (MANIFEST_FILE, STORE_META_FILE, AUDIO_FILE):
             if not (self.directory / name).is_file():
                 raise FileNotFoundError(f"{self.directory / name}: missing; run `sermtl ingest` first")
-        self.meta = json.loads((self.directory / STORE_META_FILE).read_text())
-        self.sample_rate = int(self.meta["sample_rate"])
+        meta_path, audio_path = self.directory / STORE_META_FILE, self.directory / AUDIO_FILE
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.sample_rate = int(self.meta["sample_rate"])
+            total = int(self.meta["total_samples"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptStoreError(
+                f"{meta_path}: unreadable store description ({exc}); {REINGEST_HINT}"
+            ) from exc
+        expected = total * np.dtype(STORE_DTYPE).itemsize
+        actual = audio_path.stat().st_size
+        if actual != expected:
+            raise CorruptStoreError(
+                f"{audio_path}: {actual} bytes, but {STORE_META_FILE} records {total} samples "
+                f"({expected} bytes): the store is truncated or was overwritten; {REINGEST_HINT}"
+            )
         self.manifest = pd.read_parquet(self.directory / MANIFEST_FILE)
-        total = int(self.meta["total_samples"])
         self.samples = (
             np.memmap(self.directory / AUDIO_FILE, dtype=STORE_DTYPE, mode="r", shape=(total,))
             if total
@@ -177,6 +220,21 @@ class AudioStore:
 
     def __len__(self) -> int:
         return len(self.manifest)
+
+    def verify_checksum(self) -> None:
+        """Compare the sample file with the sha256 ingestion recorded (one sequential read)."""
+        audio_path = self.directory / AUDIO_FILE
+        recorded = self.meta.get("sha256")
+        if not recorded:
+            raise CorruptStoreError(
+                f"{self.directory / STORE_META_FILE}: no audio checksum (written by an older sermtl); "
+                f"{REINGEST_HINT}"
+            )
+        if audio_checksum(audio_path) != recorded:
+            raise CorruptStoreError(
+                f"{audio_path}: contents differ from the checksum ingestion recorded (same size, other "
+                f"bytes: the file was modified or the disk corrupted it); {REINGEST_HINT}"
+            )
 
     def pcm(self, index: int) -> np.ndarray:
         """Zero-copy int16 view of one utterance."""

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from sermtl.errors import EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_UNREACHABLE, ServiceUnreachable, redact_text
+from sermtl.fsutil import OutputFolderError
 from sermtl.params import DEFAULT_PARAMS_PATH, ParamsError, load_params
 from sermtl.sources import CorpusError
 
@@ -22,9 +26,10 @@ app = typer.Typer(
 ParamsOption = Annotated[Path, typer.Option("--params", help="Parameter file (params.yaml).")]
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """One line on stderr, credentials removed, and the exit code of sermtl.errors for what went wrong."""
+    typer.secho(f"error: {redact_text(message)}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=code)
 
 
 def _load(params_path: Path):
@@ -32,6 +37,32 @@ def _load(params_path: Path):
         return load_params(params_path)
     except ParamsError as exc:
         _fail(str(exc))
+
+
+@contextlib.contextmanager
+def _mlflow(params, other_error: int = EXIT_REFUSED) -> Iterator[None]:
+    """The MLflow calls of one command (sermtl.tracking.mlflow_service: retries within
+    tracking.retry_budget_s). A server that cannot be reached: one line naming it, exit 4; any other
+    MLflow error (the server answered, e.g. 403): one line, exit `other_error`. No credentials either way."""
+    from mlflow.exceptions import MlflowException
+
+    from sermtl.tracking import mlflow_service
+
+    try:
+        with mlflow_service(params):
+            yield
+    except ServiceUnreachable as exc:
+        _fail(str(exc), EXIT_UNREACHABLE)
+    except MlflowException as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        _fail(f"MLflow: {first}", other_error)
+
+
+def _require_reason(action: str, reason: str) -> None:
+    from sermtl.registry import REASON_REQUIRED
+
+    if not reason.strip():
+        _fail(f"{action} {REASON_REQUIRED}", EXIT_BAD_INPUT)
 
 
 @app.command()
@@ -53,17 +84,20 @@ def synth(
     from sermtl.synth import synthesize
 
     settings = _load(params_path).data.synth if params_path.is_file() else None
-    summary = synthesize(
-        out,
-        utterances=utterances if utterances is not None else settings.utterances if settings else 400,
-        seed=seed if seed is not None else settings.seed if settings else 0,
-        mean_duration_s=mean_duration
-        if mean_duration is not None
-        else settings.mean_duration_s
-        if settings
-        else 4.45,
-        progress=sys.stderr.isatty(),
-    )
+    try:
+        summary = synthesize(
+            out,
+            utterances=utterances if utterances is not None else settings.utterances if settings else 400,
+            seed=seed if seed is not None else settings.seed if settings else 0,
+            mean_duration_s=mean_duration
+            if mean_duration is not None
+            else settings.mean_duration_s
+            if settings
+            else 4.45,
+            progress=sys.stderr.isatty(),
+        )
+    except OutputFolderError as exc:
+        _fail(str(exc))
     typer.echo(
         f"wrote {summary.utterances} utterances in {summary.dialogs} dialogs "
         f"({summary.audio_seconds / 3600:.2f} h) to {summary.out_dir}"
@@ -101,8 +135,10 @@ def ingest(
         report = run_ingest(
             source or params.data.corpus, out, params, force=force, progress=sys.stderr.isatty()
         )
-    except CorpusError as exc:
+    except (CorpusError, OutputFolderError) as exc:
         _fail(str(exc))
+    except ServiceUnreachable as exc:
+        _fail(str(exc), EXIT_UNREACHABLE)
     state = "up to date, skipped" if report.up_to_date else "written"
     typer.echo(f"{out}: {state}. {report.summary()}")
 
@@ -120,7 +156,7 @@ def validate(
     params = _load(params_path)
     try:
         summary = run_validation(ingest_dir, out, params)
-    except ValidationInputError as exc:
+    except (ValidationInputError, OutputFolderError) as exc:
         _fail(str(exc))
     typer.echo(f"Data Docs: {summary.data_docs_path}\nSummary: {summary.summary_path}")
     if not summary.success:
@@ -152,6 +188,7 @@ def train(
     A finished run with the same parameters is skipped; a killed one resumes from its checkpoint.
     """
     params = _load(params_path)
+    from sermtl.audio import CorruptStoreError
     from sermtl.training import TrainingError, train_fold
 
     if system not in params.systems:
@@ -166,7 +203,7 @@ def train(
         metrics = train_fold(
             store, system, fold, run_dir, params, device=device, resume=resume, progress=sys.stderr.isatty()
         )
-    except (TrainingError, FileNotFoundError) as exc:
+    except (TrainingError, CorruptStoreError, FileNotFoundError, OutputFolderError) as exc:
         _fail(str(exc))
     by_dimension = metrics["evaluation"]["all"]
     uars = " ".join(f"{d}={by_dimension[d]['uar']:.3f}" for d in params.eval.dimensions if d in by_dimension)
@@ -207,7 +244,7 @@ def results(
 
     params = _load(params_path)
     try:
-        table = collect_results(train_dir, out, params)
+        table = collect_results(train_dir, out, params, store)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo((out / RESULTS_MARKDOWN).read_text())
@@ -215,7 +252,8 @@ def results(
         from sermtl.tracking import track_study
 
         version = study_data_version(data_version, params.data.corpus, store)
-        parent = track_study(train_dir, store, out, table, params, version)
+        with _mlflow(params):
+            parent = track_study(train_dir, store, out, table, params, version)
         typer.echo(f"MLflow study run: {parent}")
 
 
@@ -264,18 +302,18 @@ def compare(
 
     Markers come from the study's logged significance report (registry.gate.test).
     Tracking server: $MLFLOW_TRACKING_URI (else ./mlruns); without params.yaml the defaults are used.
+    Exit 2: no such study or it cannot be compared; 4: the server could not be reached.
     """
-    from mlflow.exceptions import MlflowException
-
     from sermtl.compare import CompareError, run_compare
     from sermtl.params import Params
 
     params = _load(params_path) if params_path.is_file() or params_path != DEFAULT_PARAMS_PATH else Params()
     try:
-        comparison, paths = run_compare(
-            study, experiment=experiment, out_dir=out, subset=subset, params=params, log=log
-        )
-    except (CompareError, FileNotFoundError, MlflowException) as exc:
+        with _mlflow(params, EXIT_BAD_INPUT):
+            comparison, paths = run_compare(
+                study, experiment=experiment, out_dir=out, subset=subset, params=params, log=log
+            )
+    except (CompareError, FileNotFoundError, OutputFolderError) as exc:
         _fail(str(exc))
     typer.echo(comparison.to_markdown())
     logged = f"; logged on run {comparison.study_id} under comparison/" if log else ""
@@ -284,7 +322,7 @@ def compare(
 
 def _refused(exc: Exception) -> None:
     """A refused promotion/rollback: exit 1 by policy, 3 for a concurrent conflict (re-running may work)."""
-    typer.secho(f"refused: {exc}", fg=typer.colors.RED, err=True)
+    typer.secho(f"refused: {redact_text(str(exc))}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=3 if getattr(exc, "conflict", False) else 1)
 
 
@@ -294,10 +332,12 @@ def promote(
     version: Annotated[
         str | None, typer.Option("--version", help="Version to promote (default: the `challenger` alias).")
     ] = None,
-    reason: Annotated[str, typer.Option("--reason", help="Why; recorded in the audit trail.")] = "",
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why (required); recorded in the audit trail.")
+    ] = "",
     force: Annotated[
         bool,
-        typer.Option(help="Promote even if the gate or the promotion rule says no (needs --reason)."),
+        typer.Option(help="Promote even if the gate or the promotion rule says no."),
     ] = False,
     actor: Annotated[
         str | None, typer.Option("--actor", help="Who promotes (default: the login name).")
@@ -307,15 +347,17 @@ def promote(
     """Move the `champion` alias to a version after comparing it with the current champion.
 
     Both versions' out-of-fold predictions are paired and tested as in `sermtl significance`;
-    registry.promotion.rule decides. Exit 1: refused (gate, rule, evidence); 3: a concurrent change won.
-    Tracking server: $MLFLOW_TRACKING_URI.
+    registry.promotion.rule decides. Exit 1: refused (gate, rule, evidence); 2: no --reason;
+    3: a concurrent change won; 4: the server could not be reached. Tracking server: $MLFLOW_TRACKING_URI.
     """
     from sermtl.registry import RegistryError
     from sermtl.registry import promote as run_promote
 
     params = _load(params_path)
+    _require_reason("a promotion", reason)
     try:
-        result = run_promote(name, version, params=params, actor=actor, reason=reason, force=force)
+        with _mlflow(params):
+            result = run_promote(name, version, params=params, actor=actor, reason=reason, force=force)
     except RegistryError as exc:
         _refused(exc)
     typer.echo(result.message)
@@ -326,39 +368,91 @@ def promote(
 @app.command()
 def rollback(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
-    reason: Annotated[str, typer.Option("--reason", help="Why; recorded in the audit trail.")] = "",
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why (required); recorded in the audit trail.")
+    ] = "",
     actor: Annotated[
         str | None, typer.Option("--actor", help="Who rolls back (default: the login name).")
     ] = None,
     params_path: ParamsOption = DEFAULT_PARAMS_PATH,
 ) -> None:
-    """Move `champion` back to the previous champion; repeated rollbacks walk further back."""
-    from sermtl.params import PromotionParams
+    """Move `champion` back to the previous champion; repeated rollbacks walk further back.
+
+    Exit 1: nothing to roll back to; 2: no --reason; 3: the lock stayed held; 4: the server could not be
+    reached.
+    """
+    from sermtl.params import Params
     from sermtl.registry import RegistryError
     from sermtl.registry import rollback as run_rollback
 
-    timeout = (
-        _load(params_path).registry.promotion.lock_timeout_s
-        if params_path.is_file()
-        else PromotionParams().lock_timeout_s
-    )
+    params = _load(params_path) if params_path.is_file() else Params()
+    _require_reason("a rollback", reason)
     try:
-        result = run_rollback(name, actor=actor, reason=reason, lock_timeout_s=timeout)
+        with _mlflow(params):
+            result = run_rollback(
+                name, actor=actor, reason=reason, lock_timeout_s=params.registry.promotion.lock_timeout_s
+            )
     except RegistryError as exc:
         _refused(exc)
     typer.echo(result.message)
 
 
 @app.command()
-def registry(name: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
-    """Versions with aliases, gate result and pooled UARs; champion history and recent audit entries."""
+def registry(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    params_path: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Versions with aliases, gate result and pooled UARs; champion history and recent audit entries.
+
+    Exit 2: no such registered model; 4: the server could not be reached.
+    """
+    from sermtl.params import Params
     from sermtl.registry import RegistryError, registry_state
 
+    params = _load(params_path) if params_path.is_file() else Params()
     try:
-        state = registry_state(name)
+        with _mlflow(params):
+            state = registry_state(name)
     except RegistryError as exc:
         _fail(str(exc))
     typer.echo(state.table())
+
+
+@app.command()
+def serve(
+    model_uri: Annotated[
+        str, typer.Option("--model-uri", "-m", help="Model to serve, e.g. models:/sermtl-ser@champion.")
+    ],
+    host: Annotated[str, typer.Option("--host", "-h", help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="Port to listen on.")] = 5000,
+    workers: Annotated[int, typer.Option("--workers", "-w", help="uvicorn worker processes.", min=1)] = 1,
+    timeout: Annotated[
+        int | None,
+        typer.Option(
+            "--timeout", "-t", help="Seconds one request may take (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT)."
+        ),
+    ] = None,
+    max_request_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--max-request-bytes",
+            min=1,
+            help="Refuse larger request bodies with 413 (default: the model's serving.max_request_bytes).",
+        ),
+    ] = None,
+) -> None:
+    """Serve a registered model: `mlflow models serve --env-manager local`, plus a request-size limit.
+
+    MLflow's own scoring app (same routes and request formats) behind a check that answers 413 to a body
+    over the limit before it is read or parsed. Tracking server: $MLFLOW_TRACKING_URI.
+    """
+    from sermtl.scoring import serve as run_serve
+
+    limits = {"timeout_s": timeout, "max_request_bytes": max_request_bytes}
+    try:
+        run_serve(model_uri, host=host, port=port, workers=workers, **limits)
+    except ServiceUnreachable as exc:
+        _fail(str(exc), EXIT_UNREACHABLE)
 
 
 # --- Kubeflow Pipelines: compile a named version, submit it, schedule it ------------------------------

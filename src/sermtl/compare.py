@@ -40,6 +40,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sermtl import tracking
+from sermtl.errors import redact_uri
 from sermtl.fsutil import write_report_files
 from sermtl.metrics import SUBSETS, confusion, uar, validate_predictions
 from sermtl.params import Params
@@ -89,7 +90,7 @@ class StudyComparison:
     experiment_name: str
     status: str
     started: str  # ISO 8601, UTC
-    tracking_uri: str
+    tracking_uri: str  # without user-info: this is written to comparison.json and logged
     subset: str
     proposed: str
     systems: list[str]
@@ -157,16 +158,17 @@ def find_study(
     """The parent run `study`, else the latest FINISHED study (parent run with the sermtl.study tag) in
     `experiment` (default: $MLFLOW_EXPERIMENT_NAME, else "sermtl"). Errors are CompareError."""
     uri = tracking_uri or tracking.tracking_uri()
+    where = redact_uri(uri)
     mlflow_client = tracking.client(uri)
     if study:
         try:
             run = mlflow_client.get_run(study)
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-                raise CompareError(f"no run {study!r} at {uri}") from exc
+                raise CompareError(f"no run {study!r} at {where}") from exc
             raise
         if run.info.lifecycle_stage == "deleted":
-            raise CompareError(f"run {study!r} at {uri} is deleted")
+            raise CompareError(f"run {study!r} at {where} is deleted")
         tags = run.data.tags
         if _is_child(run):
             raise CompareError(
@@ -188,7 +190,7 @@ def find_study(
     name = _experiment_name(experiment)
     found = mlflow_client.get_experiment_by_name(name)
     if found is None or found.lifecycle_stage == "deleted":
-        raise CompareError(f"no experiment named {name!r} at {uri}")
+        raise CompareError(f"no experiment named {name!r} at {where}")
     # Children inherit the sermtl.* tags, so parents are told apart by having no parent themselves.
     token = None
     while True:
@@ -207,7 +209,7 @@ def find_study(
         if not token:
             break
     raise CompareError(
-        f"no finished study in experiment {name!r} at {uri} (a study is a parent run tagged "
+        f"no finished study in experiment {name!r} at {where} (a study is a parent run tagged "
         f"{tracking.TAG_STUDY!r}; pass --study RUN_ID for an unfinished one)"
     )
 
@@ -267,6 +269,8 @@ def _download_predictions(mlflow_client: MlflowClient, run: Run, folder: Path) -
         local = mlflow_client.download_artifacts(run.info.run_id, PREDICTIONS_FILE, str(destination))
         frame = pd.read_parquet(local)
     except (MlflowException, OSError) as exc:
+        if tracking.is_unreachable(exc):
+            raise
         raise CompareError(f"child {_child_label(run)}: cannot read its {PREDICTIONS_FILE}: {exc}") from exc
     where = f"{PREDICTIONS_FILE} of child {_child_label(run)}"
     try:
@@ -322,7 +326,9 @@ def _read_significance(mlflow_client: MlflowClient, parent: Run, folder: Path) -
         names = {
             Path(item.path).name for item in mlflow_client.list_artifacts(parent.info.run_id, "significance")
         }
-    except MlflowException:
+    except MlflowException as exc:
+        if tracking.is_unreachable(exc):
+            raise
         return None
     if SIGNIFICANCE_JSON not in names:
         return None
@@ -332,6 +338,8 @@ def _read_significance(mlflow_client: MlflowClient, parent: Run, folder: Path) -
         )
         return read_report(Path(local))
     except (MlflowException, OSError, ValueError, KeyError, TypeError) as exc:
+        if tracking.is_unreachable(exc):
+            raise
         raise CompareError(
             f"study {parent.info.run_id}: {ARTIFACT_SIGNIFICANCE}/{SIGNIFICANCE_JSON} is unreadable: {exc}"
         ) from exc
@@ -525,7 +533,7 @@ def compare_study(
         experiment_name=experiment_name,
         status=parent.info.status,
         started=started,
-        tracking_uri=uri,
+        tracking_uri=redact_uri(uri),
         subset=subset,
         proposed=proposed,
         systems=systems,
@@ -765,12 +773,11 @@ def run_compare(
     tracking_uri: str | None = None,
 ) -> tuple[StudyComparison, dict[str, Path]]:
     """compare_study, write_comparison into out_dir, and (log=True) log the files on the parent run."""
-    comparison = compare_study(
-        study, experiment=experiment, subset=subset, params=params, tracking_uri=tracking_uri
-    )
+    uri = tracking_uri or tracking.tracking_uri()
+    comparison = compare_study(study, experiment=experiment, subset=subset, params=params, tracking_uri=uri)
     paths = write_comparison(comparison, out_dir)
     if log:
-        log_comparison(comparison.study_id, paths, tracking_uri=comparison.tracking_uri)
+        log_comparison(comparison.study_id, paths, tracking_uri=uri)  # comparison.tracking_uri is redacted
     return comparison, paths
 
 

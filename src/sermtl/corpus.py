@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from sermtl.fsutil import OUTPUT_MARKER
 from sermtl.params import Thresholds
 from sermtl.sources import CorpusError, SourceFile
 
@@ -172,6 +173,8 @@ def classify_files(files: list[SourceFile]) -> CorpusLayout:
     layout = CorpusLayout({}, {}, set(), [], [])
     for f in files:
         parts = PurePosixPath(f.path).parts
+        if f.path == OUTPUT_MARKER:  # `sermtl synth` marks its corpus: bookkeeping, not a skipped file
+            continue
         if is_hidden(f.path):
             layout.hidden_files.append(f.path)
             continue

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from sermtl.audio import AudioStore
 from sermtl.folds import leave_one_session_out
-from sermtl.fsutil import atomic_directory, write_json
+from sermtl.fsutil import atomic_directory, check_output_dir, write_json
 from sermtl.metrics import PREDICTION_COLUMNS, PROBABILITY_COLUMNS, evaluate_predictions, uar
 from sermtl.parallel import worker_count
 from sermtl.params import Params
@@ -53,6 +53,7 @@ from sermtl.schema import (
     PREDICTIONS_FILE,
     RUN_METRICS_FILE,
     STORE_META_FILE,
+    TRAIN_RUN_OUTPUT,
 )
 
 FEATURE_SET = "eGeMAPSv02"
@@ -220,6 +221,7 @@ def _cached_features(
     if path.is_file():
         return pd.read_parquet(path), path
     store = AudioStore(store_dir)
+    store.verify_checksum()
     started = time.perf_counter()
     workers = _worker_count(len(store)) if workers is None else max(1, int(workers))
     features = _extract_all(store, workers, progress)
@@ -360,6 +362,7 @@ def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path
         raise ValueError(f"eval.dimensions: unknown dimension(s) {', '.join(unknown)}")
 
     store_dir = Path(store_dir)
+    check_output_dir(out_dir, TRAIN_RUN_OUTPUT, [("store", store_dir)])
     store = AudioStore(store_dir)
     folds = leave_one_session_out(store.manifest, params.data.sessions)
     if not 0 <= fold_index < len(folds):
@@ -440,7 +443,7 @@ def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path
         "chosen_C": chosen,
         "sample_rate": int(store.sample_rate),
     }
-    with atomic_directory(Path(out_dir)) as tmp:
+    with atomic_directory(Path(out_dir), TRAIN_RUN_OUTPUT) as tmp:
         predictions.to_parquet(tmp / PREDICTIONS_FILE, index=False)
         write_json(tmp / RUN_METRICS_FILE, metrics)
         (tmp / MODEL_DIR).mkdir()

@@ -18,7 +18,7 @@ _URI_IN_TEXT = re.compile(r"([a-zA-Z][a-zA-Z0-9+.\-]*://)([^/\s@'\"]+)@")
 
 
 def redact_uri(uri: str) -> str:
-    """`uri` without its user-info (`http://user:pw@host` -> `http://host`): credentials never leave the process."""
+    """`uri` without user-info (`http://user:pw@host` -> `http://host`): credentials stay in the process."""
     if not isinstance(uri, str) or "@" not in uri:
         return uri
     try:
@@ -36,7 +36,7 @@ def redact_text(text: str) -> str:
 
 
 class ServiceUnreachable(RuntimeError):
-    """A service (MLflow, S3) did not answer within its retry budget; the message names it, never its credentials."""
+    """A service (MLflow, S3) gave no answer within its retry budget; the message names it, no secrets."""
 
     def __init__(self, service: str, target: str, detail: str = "") -> None:
         self.service = service

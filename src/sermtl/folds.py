@@ -20,8 +20,10 @@ class Fold:
 def leave_one_session_out(manifest: pd.DataFrame, sessions: list[int]) -> list[Fold]:
     """One fold per session; the early-stopping speaker is one speaker of the next session round-robin.
 
-    No speaker ever appears in two of train/validation/test, because IEMOCAP speakers never cross
-    sessions (checked here, since a mislabelled corpus would silently leak otherwise).
+    Only `sessions` (data.sessions) take part: utterances of any other session in the manifest are in no
+    split of any fold (neither trained on nor tested). No speaker ever appears in two of
+    train/validation/test, because IEMOCAP speakers never cross sessions (checked here, since a
+    mislabelled corpus would silently leak otherwise).
     """
     sessions_of_speaker = manifest.groupby("speaker")["session"].nunique()
     if (sessions_of_speaker > 1).any():
@@ -31,6 +33,7 @@ def leave_one_session_out(manifest: pd.DataFrame, sessions: list[int]) -> list[F
         )
     folds = []
     ordered = sorted(sessions)
+    in_study = manifest["session"].isin(ordered)
     for index, test_session in enumerate(ordered):
         validation_session = ordered[(index + 1) % len(ordered)]
         speakers = sorted(manifest.loc[manifest["session"] == validation_session, "speaker"].unique())
@@ -40,7 +43,7 @@ def leave_one_session_out(manifest: pd.DataFrame, sessions: list[int]) -> list[F
         validation_speaker = speakers[index % len(speakers)]
         test = manifest["session"] == test_session
         validation = manifest["speaker"] == validation_speaker
-        train = ~test & ~validation
+        train = in_study & ~test & ~validation
         folds.append(
             Fold(
                 index=index,

@@ -5,7 +5,8 @@ Policy (documented in the README, every case tested):
   a symlink or key escaping the corpus root, a configured session with no annotated utterance,
   more than `data.max_drop_fraction` of annotated utterances dropped;
 - dropped and counted per reason: rating NaN or outside 1..5, annotated but no wav, truncated or
-  undecodable wav, multi-channel wav, empty wav;
+  undecodable wav, multi-channel wav, empty wav; the wavs of a dialog whose annotation file is empty
+  or unreadable (each such wav counts against `data.max_drop_fraction`);
 - counted, not utterances: wavs without an annotation, hidden/AppleDouble files, wavs outside
   a dialog folder;
 - kept and recorded: wavs at another sample rate (resampled to `data.sample_rate`).
@@ -17,7 +18,7 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
@@ -33,13 +34,24 @@ from sermtl.corpus import (
     to_class,
     wav_path_for,
 )
-from sermtl.fsutil import atomic_directory, write_json
+from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir, write_json
 from sermtl.params import Params
-from sermtl.schema import DIMENSIONS, MANIFEST_COLUMNS, MANIFEST_FILE, REPORT_FILE
+from sermtl.schema import (
+    AUDIO_FILE,
+    DIMENSIONS,
+    MANIFEST_COLUMNS,
+    MANIFEST_FILE,
+    REPORT_FILE,
+    STORE_META_FILE,
+)
 from sermtl.sources import CorpusError, listing_fingerprint, open_source
 
-INGEST_FORMAT_VERSION = 1
+INGEST_FORMAT_VERSION = 2  # 2: store.json records the audio checksum
 EXAMPLES_PER_REASON = 20
+# What an ingest folder holds; one of an earlier sermtl (no marker) is known by store.json + manifest.
+INGEST_OUTPUT = OutputKind.of(
+    "ingest", (MANIFEST_FILE, REPORT_FILE, AUDIO_FILE, STORE_META_FILE), (STORE_META_FILE, MANIFEST_FILE)
+)
 
 
 @dataclass
@@ -48,6 +60,9 @@ class IngestReport:
     fingerprint: str
     sample_rate: int
     annotated: int = 0
+    # Wavs of dialogs whose annotation file is empty or unreadable: dropped, and in the drop fraction's base.
+    unlabelled: int = 0
+    wavs_found: int = 0  # wavs in dialog folders of data.sessions: the base of the unannotated share
     kept: int = 0
     dropped: int = 0
     drops_by_reason: dict[str, int] = field(default_factory=dict)
@@ -73,6 +88,7 @@ class IngestReport:
         resampled = ", ".join(f"{k} Hz: {v}" for k, v in sorted(self.resampled_by_rate.items())) or "none"
         return (
             f"annotated {self.annotated}, kept {self.kept}, dropped {self.dropped} ({reasons}); "
+            f"wavs found {self.wavs_found}; "
             f"unannotated wavs {len(self.unannotated_wavs)}, hidden files skipped {len(self.hidden_files)}, "
             f"resampled {resampled}; {self.audio_hours:.2f} h of audio"
         )
@@ -102,6 +118,7 @@ def ingest(
 ) -> IngestReport:
     """Ingest `source` (folder or s3:// prefix) into `out_dir`; skipped when already up to date."""
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, INGEST_OUTPUT, [("source corpus", source)])
     corpus = open_source(source, params.data.s3_endpoint_url)
     files = corpus.list_files()
     fingerprint = _fingerprint(listing_fingerprint(files), params)
@@ -116,30 +133,38 @@ def ingest(
     report.stray_wavs = layout.stray_wav_files
     report.excluded_sessions = sorted(layout.sessions_present - wanted)
 
-    annotations = _read_annotations(corpus, layout.annotation_files, sorted(wanted))
+    annotations, bad_files = _read_annotations(corpus, layout.annotation_files, sorted(wanted))
     report.annotated = len(annotations)
     expected_wavs = {wav_path_for(a.uid) for a in annotations}
-    report.unannotated_wavs = sorted(
-        path for path in layout.wav_files if path not in expected_wavs and session_of(path) in wanted
-    )
+    session_wavs = sorted(path for path in layout.wav_files if session_of(path) in wanted)
+    report.wavs_found = len(session_wavs)
 
     drops: Counter[str] = Counter()
 
-    def drop(annotation: Annotation, reason: str, detail: str) -> None:
+    def record(utterance_id: str, reason: str, detail: str, where: str) -> None:
         drops[reason] += 1
         if drops[reason] <= EXAMPLES_PER_REASON:
             report.drops.append(
-                {
-                    "utterance_id": annotation.uid.utterance_id,
-                    "reason": reason,
-                    "detail": detail,
-                    "where": annotation.where,
-                }
+                {"utterance_id": utterance_id, "reason": reason, "detail": detail, "where": where}
             )
+
+    def drop(annotation: Annotation, reason: str, detail: str) -> None:
+        record(annotation.uid.utterance_id, reason, detail, annotation.where)
+
+    # A dialog whose annotation file is empty or unreadable still has its wavs: they are lost
+    # utterances, not "unannotated" extras, so they count against data.max_drop_fraction.
+    orphaned = set()
+    for bad in bad_files:
+        for path in session_wavs:
+            if path not in expected_wavs and path.startswith(bad.wav_folder):
+                orphaned.add(path)
+                record(PurePosixPath(path).stem, bad.reason, f"{bad.detail}; {path} is unlabelled", bad.path)
+    report.unlabelled = len(orphaned)
+    report.unannotated_wavs = [p for p in session_wavs if p not in expected_wavs and p not in orphaned]
 
     rows: list[dict[str, Any]] = []
     resampled: Counter[str] = Counter()
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, INGEST_OUTPUT) as staging:
         store = AudioStoreWriter(staging, params.data.sample_rate)
         try:
             for annotation in tqdm(annotations, desc="ingest", unit="utt", disable=not progress):
@@ -182,19 +207,43 @@ def ingest(
     return report
 
 
+@dataclass(frozen=True)
+class BadAnnotationFile:
+    """An EmoEvaluation file that holds no usable annotation: its dialog's wavs are dropped."""
+
+    path: str
+    reason: str  # empty_annotation | unreadable_annotation
+    detail: str
+
+    @property
+    def wav_folder(self) -> str:
+        session = session_of(self.path)
+        return f"Session{session}/sentences/wav/{PurePosixPath(self.path).stem}/"
+
+
 def _read_annotations(
     corpus: Any, annotation_files: dict[int, list[str]], sessions: list[int]
-) -> list[Annotation]:
+) -> tuple[list[Annotation], list[BadAnnotationFile]]:
     annotations: list[Annotation] = []
+    bad_files: list[BadAnnotationFile] = []
     first_seen: dict[str, Annotation] = {}
     for session in sessions:
         session_annotations: list[Annotation] = []
         for path in sorted(annotation_files.get(session, [])):
             try:
-                text = corpus.read_bytes(path).decode("utf-8")
+                # utf-8-sig: a byte-order mark, common in files edited on Windows, is not content.
+                text = corpus.read_bytes(path).decode("utf-8-sig")
             except UnicodeDecodeError as exc:
-                raise CorpusError(f"{path}: not UTF-8 text ({exc})") from exc
-            for annotation in parse_emo_evaluation(text, path):
+                bad_files.append(BadAnnotationFile(path, "unreadable_annotation", f"not UTF-8 text ({exc})"))
+                continue
+            except OSError as exc:
+                bad_files.append(BadAnnotationFile(path, "unreadable_annotation", f"cannot read ({exc})"))
+                continue
+            parsed = parse_emo_evaluation(text, path)
+            if not parsed:
+                detail = "empty file" if not text.strip() else "no utterance header line"
+                bad_files.append(BadAnnotationFile(path, "empty_annotation", detail))
+            for annotation in parsed:
                 if annotation.uid.session != session:
                     raise CorpusError(
                         f"{annotation.where}: {annotation.uid.utterance_id} filed under Session{session}"
@@ -213,7 +262,7 @@ def _read_annotations(
                 "to ingest without it."
             )
         annotations.extend(session_annotations)
-    return annotations
+    return annotations, bad_files
 
 
 def _manifest_row(
@@ -246,10 +295,17 @@ def _manifest_row(
 
 
 def _check_drop_fraction(report: IngestReport, params: Params) -> None:
-    if report.annotated and report.dropped / report.annotated > params.data.max_drop_fraction:
+    base = report.annotated + report.unlabelled
+    if base and report.dropped / base > params.data.max_drop_fraction:
         examples = "; ".join(f"{d['where']} {d['reason']}: {d['detail']}" for d in report.drops[:5])
+        what = (
+            f"{base} utterances ({report.annotated} annotated, {report.unlabelled} in dialogs whose "
+            "annotation file is empty or unreadable; "
+            if report.unlabelled
+            else f"{base} annotated utterances ("
+        )
         raise CorpusError(
-            f"dropped {report.dropped} of {report.annotated} annotated utterances "
-            f"({report.dropped / report.annotated:.1%} > data.max_drop_fraction "
+            f"dropped {report.dropped} of {what}"
+            f"{report.dropped / base:.1%} > data.max_drop_fraction "
             f"{params.data.max_drop_fraction:.1%}): {report.drops_by_reason}. Examples: {examples}"
         )

@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from sermtl import gitinfo
+from sermtl.errors import redact_text, redact_uri
 from sermtl.params import DEFAULT_PARAMS_PATH, ParamsError, load_params
 
 PACKAGE = "sermtl"
@@ -519,8 +520,8 @@ def _api_errors(host: str, action: str, token: str | None) -> Iterator[None]:
     import kfp_server_api
     import urllib3
 
-    def scrub(text: str) -> str:
-        return text.replace(token, "***") if token else text
+    def scrub(text: str) -> str:  # neither the token nor user-info in the host URL
+        return redact_text(text.replace(token, "***") if token else text)
 
     try:
         yield
@@ -567,7 +568,9 @@ def connect(host: str, *, namespace: str | None = None, existing_token: str | No
     token = resolve_token(existing_token)
     health = _healthz(host, token)
     if getattr(health, "multi_user", False) and not namespace:
-        raise KfpError(f"the KFP API at {host} is multi-user: pass --namespace (your profile's namespace)")
+        raise KfpError(
+            f"the KFP API at {redact_uri(host)} is multi-user: pass --namespace (your profile's namespace)"
+        )
     with _quiet(), _api_errors(host, "connecting", token):
         return kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token)
 
@@ -663,8 +666,8 @@ def upload(
         reused = not version_created and existing.pipeline_spec
         if reused and not pinned and _spec_of(existing.pipeline_spec) != compiled.ir()[0]:
             raise KfpError(
-                f"pipeline version {compiled.name!r} already exists on {host} with a different spec "
-                "(compiled from uncommitted changes?): commit them, or pass another version name"
+                f"pipeline version {compiled.name!r} already exists on {redact_uri(host)} with a different "
+                "spec (compiled from uncommitted changes?): commit them, or pass another version name"
             )
 
         with _api_errors(host, f"finding or creating experiment {experiment!r}", token):
@@ -709,7 +712,7 @@ def submit(
         upload=uploaded,
         run_id=run.run_id,
         run_name=name,
-        run_url=f"{host}/#/runs/details/{run.run_id}",
+        run_url=f"{redact_uri(host)}/#/runs/details/{run.run_id}",
         parameters=parameters,
     )
 
@@ -766,7 +769,7 @@ def schedule(
                     cron=cron6,
                     max_concurrency=int(job.max_concurrency or max_concurrency),
                     created=False,
-                    url=f"{host}/#/recurringrun/details/{job.recurring_run_id}",
+                    url=f"{redact_uri(host)}/#/recurringrun/details/{job.recurring_run_id}",
                 )
             raise KfpError(
                 f"a recurring run named {name!r} already exists in experiment {experiment!r} "
@@ -792,5 +795,5 @@ def schedule(
         cron=cron6,
         max_concurrency=max_concurrency,
         created=True,
-        url=f"{host}/#/recurringrun/details/{job.recurring_run_id}",
+        url=f"{redact_uri(host)}/#/recurringrun/details/{job.recurring_run_id}",
     )

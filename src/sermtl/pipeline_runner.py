@@ -2,6 +2,10 @@
 
 Components stay thin (import sermtl, call one function here, attach the result to their artifacts),
 so the logic is tested without kfp and runs identically in the local runner and on a cluster.
+
+Every step that talks to MLflow does so inside sermtl.tracking.mlflow_service: retries bounded by
+`tracking.retry_budget_s`, and a server that cannot be reached fails the step with one
+ServiceUnreachable naming it (credentials removed) after the runs it created were marked FAILED.
 """
 
 from __future__ import annotations
@@ -271,36 +275,39 @@ def collect_step(
     """
     import tempfile
 
+    from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir
     from sermtl.results import RESULTS_HTML, RESULTS_MARKDOWN, collect_results
 
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
+    proposed_kind = OutputKind.of("collect-proposed", [params.eval.proposed_system])
+    if proposed_dir is not None:
+        check_output_dir(proposed_dir, proposed_kind, [("store", store_dir or None)])
     with tempfile.TemporaryDirectory(prefix="sermtl-study-") as scratch:
         train_dir = link_runs(run_dirs, Path(scratch) / "train")
-        table = collect_results(train_dir, Path(results_dir), params)
+        table = collect_results(train_dir, Path(results_dir), params, store_dir or None)
         version = study_data_version(data_version, store_dir=store_dir)
         study = {"data_version": version, "pipeline_run_id": pipeline_run_id, "study_run_id": ""}
         if track:
-            from sermtl.tracking import TAG_KFP_RUN, TAG_KFP_TASK, track_study
+            from sermtl.tracking import TAG_KFP_RUN, TAG_KFP_TASK, mlflow_service, track_study
 
             kfp_tags = {TAG_KFP_RUN: pipeline_run_id or None, TAG_KFP_TASK: pipeline_task or None}
-            study["study_run_id"] = track_study(
-                train_dir,
-                Path(store_dir),
-                Path(results_dir),
-                table,
-                params,
-                version,
-                pipeline_run_id,
-                tags=kfp_tags,
-            )
+            with mlflow_service(params):
+                study["study_run_id"] = track_study(
+                    train_dir,
+                    Path(store_dir),
+                    Path(results_dir),
+                    table,
+                    params,
+                    version,
+                    pipeline_run_id,
+                    tags=kfp_tags,
+                )
         write_json(Path(results_dir) / STUDY_FILE, study)  # what the decision steps need of the study
         if proposed_dir is not None:
             import shutil
 
-            from sermtl.fsutil import atomic_directory
-
             system = params.eval.proposed_system
-            with atomic_directory(Path(proposed_dir)) as staging:
+            with atomic_directory(Path(proposed_dir), proposed_kind) as staging:
                 shutil.copytree(train_dir / system, staging / system, symlinks=False)
     for source, target in ((RESULTS_HTML, report_html), (RESULTS_MARKDOWN, table_markdown)):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
@@ -350,8 +357,10 @@ def significance_step(
     study_run_id = read_study(results_dir)["study_run_id"]
     if track and study_run_id:
         from sermtl.compare import log_significance
+        from sermtl.tracking import mlflow_service
 
-        log_significance(study_run_id, Path(out_dir))
+        with mlflow_service(params):
+            log_significance(study_run_id, Path(out_dir))
     metrics = {}
     for c in report.comparisons:
         key = f"{c.baseline}_{c.dimension}"
@@ -376,7 +385,10 @@ def gate_step(significance_dir: str | Path, results_dir: str | Path, params_yaml
     decision = gate_decision(read_report(Path(significance_dir)), params.registry.gate)
     study_run_id = read_study(results_dir)["study_run_id"]
     if study_run_id and not decision.passed:
-        record_gate_decision(study_run_id, decision, params)
+        from sermtl.tracking import mlflow_service
+
+        with mlflow_service(params):
+            record_gate_decision(study_run_id, decision, params)
     return (GATE_PASSED if decision.passed else GATE_FAILED), "\n".join(decision.reasons)
 
 
@@ -389,19 +401,21 @@ def register_step(
     """
     from sermtl.registry import register_study_model
     from sermtl.significance import read_report
+    from sermtl.tracking import mlflow_service
 
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
     study = read_study(results_dir)
     if not study["study_run_id"]:
         raise RuntimeError(f"{results_dir}: the study was not tracked in MLflow: nothing to register")
-    result = register_study_model(
-        study["study_run_id"],
-        Path(train_dir),
-        read_report(Path(significance_dir)),
-        params,
-        data_version=study["data_version"] or None,
-        pipeline_run_id=study["pipeline_run_id"] or None,
-    )
+    with mlflow_service(params):
+        result = register_study_model(
+            study["study_run_id"],
+            Path(train_dir),
+            read_report(Path(significance_dir)),
+            params,
+            data_version=study["data_version"] or None,
+            pipeline_run_id=study["pipeline_run_id"] or None,
+        )
     return {
         "model_name": result.name,
         "version": str(result.version or ""),

@@ -12,7 +12,8 @@ Lifecycle of a version of `registry.model_name`:
    current champion on the same evaluation data with the same tests: both versions' out-of-fold
    predictions are paired on common utterances and run through sermtl.significance with the gate's test;
    `registry.promotion.rule` decides (not_worse | better). A version whose gate failed, or that the rule
-   refuses, or that cannot be compared, is promoted only with `force=True` and a non-empty reason.
+   refuses, or that cannot be compared, is promoted only with `force=True`. Every promotion and rollback
+   needs a non-empty reason: the audit trail says who changed the champion, when, and why.
 3. `rollback` moves `champion` back along the recorded history of champions.
 
 Why a child run "registration" rather than the study run itself: the registered version's source run
@@ -36,8 +37,13 @@ compare-and-set of the champion:
   and writes only the tag `sermtl.promotion.last_refusal` on its own version. A rollback decides
   entirely under the lock (it reads the champion and the history there), so it is never stale.
 
-Writes under the lock are ordered so that a crash leaves the registry usable: history and
-`previous_champion` first, then the `champion` alias (the commit point), then the audit tags.
+Writes under the lock are ordered so that a crash leaves the registry usable. The `champion` alias is
+the commit point; a promotion writes history and `previous_champion` before it, a rollback after it, so
+a crash between the writes can only leave the champion on top of its own history (never an entry
+lost), which the next promotion or rollback repairs first (`_repair`): the history never holds the same
+version twice in a row and a version is never its own `previous_champion`. The audit tags come last.
+A killed holder's lock is broken at once when its process is provably gone (same machine, see
+sermtl.procinfo), else after its expiry.
 
 Aliases written: `challenger` (newest registered version that passed the gate; removed from a version
 once it is promoted), `champion`, `previous_champion` (top of the history: what `rollback` restores).
@@ -54,7 +60,6 @@ import json
 import math
 import os
 import random
-import socket
 import tempfile
 import time
 import uuid
@@ -70,7 +75,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sermtl import tracking
+from sermtl import procinfo, tracking
 from sermtl.metrics import evaluate_predictions, validate_predictions
 from sermtl.params import GateParams, Params, PromotionParams
 from sermtl.schema import PREDICTIONS_FILE
@@ -81,6 +86,7 @@ PREVIOUS_CHAMPION = "previous_champion"
 LOCK_SUFFIX = ".promotion-lock"
 BROKEN_LOCK_INFIX = ".broken-"
 REGISTRATION_RUN_NAME = "registration"
+REASON_REQUIRED = "needs a non-empty reason (--reason): the audit trail records why the champion changed"
 MIN_PAIRED_UTTERANCES = 30  # fewer common utterances than this and a promotion comparison is refused
 
 # Artifacts of the registration run (the registered version's source run) and of the study run.
@@ -126,6 +132,7 @@ LOCK_OWNER = "sermtl.lock.owner"
 LOCK_TOKEN = "sermtl.lock.token"
 LOCK_HOST = "sermtl.lock.host"
 LOCK_PID = "sermtl.lock.pid"
+LOCK_PREFIX = "sermtl.lock."  # with host, pid, started, machine: the holder as a procinfo.ProcessId
 LOCK_PURPOSE = "sermtl.lock.purpose"
 LOCK_ACQUIRED_AT = "sermtl.lock.acquired_at"
 LOCK_EXPIRES = "sermtl.lock.expires_unix"  # seconds since the epoch, the holder's clock
@@ -155,6 +162,11 @@ class PromotionRefused(RegistryError):
 
 class LockTimeout(RegistryError):
     """The registry lock stayed held by someone else for the whole wait."""
+
+
+# Tokens of the locks this process holds: a lock recorded as held by this very process with a token not
+# in here was left by an earlier holder in it whose release failed (e.g. the server was gone).
+_HELD_TOKENS: set[str] = set()
 
 
 def _now() -> datetime:
@@ -294,13 +306,17 @@ class PromotionLock:
       exactly one caller; the others get RESOURCE_ALREADY_EXISTS and poll every `poll_s` (with jitter)
       until `timeout_s` has passed, then raise LockTimeout naming the holder.
     - expiry: a lock expires `expiry_s` (default `timeout_s`) after it was taken, by the holder's clock
-      (clocks are assumed in sync to well under that). A waiter that finds an expired lock (its holder
-      crashed or hung) breaks it: it first creates the marker `<lock>.broken-<token>` (again a unique
+      (clocks are assumed in sync to well under that). A lock whose holder provably no longer runs (it
+      records host, pid, the pid's start time, boot id and pid namespace: sermtl.procinfo) is stale at
+      once, so a SIGKILLed promotion on this machine costs no wait; one held from another machine or
+      container waits for its expiry. A waiter that finds a stale lock (expired, or its holder gone)
+      breaks it: it first creates the marker `<lock>.broken-<token>` (again a unique
       name, so exactly one waiter breaks a given stale lock, and a slow waiter can never delete a
       *newer* lock by mistake), then deletes the lock if its token is still the stale one, and competes
       for it again. The markers stay, tagged with who broke whose lock when: an audit trail.
     - release: deletes the lock if it still holds our token (a lock broken after our expiry is left to
-      its new holder). `held()` is checked before the critical write: a holder past its expiry refuses.
+      its new holder); best effort, it never raises. `held()` is checked before the critical write: a
+      holder past its expiry refuses.
     """
 
     def __init__(
@@ -333,8 +349,7 @@ class PromotionLock:
         tags = {
             LOCK_OWNER: self.owner,
             LOCK_TOKEN: self.token,
-            LOCK_HOST: socket.gethostname(),
-            LOCK_PID: str(os.getpid()),
+            **procinfo.current().to_tags(LOCK_PREFIX),  # LOCK_HOST, LOCK_PID, start time, machine
             LOCK_PURPOSE: self.purpose,
             LOCK_ACQUIRED_AT: _iso(now),
             LOCK_EXPIRES: f"{expires:.3f}",
@@ -353,6 +368,7 @@ class PromotionLock:
                 return False
             raise
         self.expires_unix = expires
+        _HELD_TOKENS.add(self.token)
         return True
 
     def holder(self) -> dict[str, str] | None:
@@ -373,7 +389,22 @@ class PromotionLock:
         except (KeyError, ValueError):  # not one of ours, or damaged: expire from its creation time
             return float(holder.get("created_unix", 0.0)) + self.expiry_s
 
-    def _break(self, holder: Mapping[str, str]) -> None:
+    def _stale(self, holder: Mapping[str, str]) -> str | None:
+        """Why the lock `holder` may be broken now, or None while it must be waited for."""
+        if time.time() > self._expiry_of(holder):
+            return f"expired at {holder.get(LOCK_EXPIRES_AT, '?')}"
+        process = procinfo.ProcessId.from_tags(holder, LOCK_PREFIX)
+        if process is None:
+            return None
+        if process == procinfo.current():
+            if holder.get(LOCK_TOKEN) not in _HELD_TOKENS:
+                return "left by this process, which no longer holds it"
+            return None
+        if procinfo.is_gone(process):
+            return f"its holder ({process.describe()}) is gone"
+        return None
+
+    def _break(self, holder: Mapping[str, str], why: str = "expired") -> None:
         stale = holder.get(LOCK_TOKEN) or f"created-{holder.get('created_unix', '0').replace('.', '')}"
         try:
             self.client.create_registered_model(
@@ -381,6 +412,7 @@ class PromotionLock:
                 tags={
                     "sermtl.lock.broken_by": self.owner,
                     "sermtl.lock.broken_at": _iso(time.time()),
+                    "sermtl.lock.broken_because": why,
                     "sermtl.lock.stale_owner": holder.get(LOCK_OWNER, "?"),
                     "sermtl.lock.stale_host": holder.get(LOCK_HOST, "?"),
                     "sermtl.lock.stale_pid": holder.get(LOCK_PID, "?"),
@@ -398,8 +430,11 @@ class PromotionLock:
             f"created-{(current or {}).get('created_unix', '0').replace('.', '')}" if current else None
         )
         if current is not None and current_token == stale:
-            with contextlib.suppress(MlflowException):
+            try:
                 self.client.delete_registered_model(self.lock_name)
+            except MlflowException as exc:
+                if tracking.is_unreachable(exc):
+                    raise
         self.broken.append(stale)
 
     def acquire(self) -> PromotionLock:
@@ -412,9 +447,11 @@ class PromotionLock:
             if holder is not None and holder.get(LOCK_TOKEN) == self.token:
                 # our create reached the store but its answer was lost and the request retried
                 self.expires_unix = self._expiry_of(holder)
+                _HELD_TOKENS.add(self.token)
                 break
-            if holder is not None and time.time() > self._expiry_of(holder):
-                self._break(holder)
+            why = self._stale(holder) if holder is not None else None
+            if why is not None:
+                self._break(holder, why)
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -441,20 +478,27 @@ class PromotionLock:
         holder = self.holder()
         return holder is not None and holder.get(LOCK_TOKEN) == self.token
 
-    def release(self) -> None:
+    def release(self, *, quick: bool = False) -> None:
+        """Delete the lock if it is still ours. Never raises: a lock that cannot be deleted (the server
+        is gone) is broken by the next holder, at once if this process has ended by then, else after its
+        expiry. `quick`: one attempt per call, for a release after a failure."""
         if self.expires_unix is None:
             return
         self.expires_unix = None
-        holder = self.holder()
-        if holder is not None and holder.get(LOCK_TOKEN) == self.token:
-            with contextlib.suppress(MlflowException):
-                self.client.delete_registered_model(self.lock_name)
+        _HELD_TOKENS.discard(self.token)
+        with contextlib.ExitStack() as stack:
+            if quick:
+                stack.enter_context(tracking.quick_requests())
+            with contextlib.suppress(Exception):
+                holder = self.holder()
+                if holder is not None and holder.get(LOCK_TOKEN) == self.token:
+                    self.client.delete_registered_model(self.lock_name)
 
     def __enter__(self) -> PromotionLock:
         return self.acquire()
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, kind: object, *exc: object) -> None:
+        self.release(quick=kind is not None)
 
 
 # --- reading the registry ---------------------------------------------------------------------------------
@@ -514,6 +558,56 @@ def _history(model: Any) -> list[str]:
     except json.JSONDecodeError:
         return []
     return [str(v) for v in loaded] if isinstance(loaded, list) else []
+
+
+def _normalised(history: list[str], champion: str | None) -> list[str]:
+    """`history` without repeats in a row and without the champion on top: what a promotion or rollback
+    killed between its writes leaves (the champion pushed onto its own history). A version is then never
+    its own previous champion, and rollback walks to the champion before it."""
+    out: list[str] = []
+    for version in history:
+        if not out or out[-1] != version:
+            out.append(version)
+    while out and champion is not None and out[-1] == champion:
+        out.pop()
+    return out
+
+
+def _repair(mlflow_client: MlflowClient, name: str, actor: str) -> Any:
+    """Under the lock, before deciding: undo what an interrupted promotion or rollback left (see
+    `_normalised`; `previous_champion` on the top of the history), and audit a champion that moved
+    without an audit entry (a rollback killed after its commit point, or an alias set by hand): action
+    "repair". Returns the model as re-read."""
+    model = _model(mlflow_client, name)
+    aliases = {alias: str(version) for alias, version in (model.aliases or {}).items()}
+    champion = aliases.get(CHAMPION)
+    recorded = (model.tags or {}).get(TAG_CHAMPION_VERSION)
+    audited = champion is not None and recorded is not None and recorded != champion
+    if audited:
+        record = {
+            "action": "repair",
+            "version": champion,
+            "from": recorded,
+            "actor": actor,
+            "at": _iso(_now()),
+        }
+        record["reason"] = (
+            f"champion alias found on version {champion} while the audit trail ends at {recorded}: moved "
+            "by an interrupted promotion or rollback, or by hand"
+        )
+        _record_champion_change(mlflow_client, model, champion, record)
+    stored = _history(model)
+    history = _normalised(stored, champion)
+    previous = history[-1] if history else None
+    if history == stored and aliases.get(PREVIOUS_CHAMPION) == previous:
+        return _model(mlflow_client, name) if audited else model
+    if history != stored:
+        mlflow_client.set_registered_model_tag(name, TAG_HISTORY, _json(history))
+    if previous is not None and aliases.get(PREVIOUS_CHAMPION) != previous:
+        mlflow_client.set_registered_model_alias(name, PREVIOUS_CHAMPION, previous)
+    elif previous is None and PREVIOUS_CHAMPION in aliases:
+        mlflow_client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+    return _model(mlflow_client, name)
 
 
 # --- registration ----------------------------------------------------------------------------------------
@@ -641,6 +735,14 @@ def register_study_model(
         tracking.TAG_PIPELINE_RUN: pipeline_run_id or study_tags.get(tracking.TAG_PIPELINE_RUN),
         tracking.TAG_GIT_COMMIT: study_tags.get(tracking.TAG_GIT_COMMIT) or tracking.git_commit(),
     }
+    # an earlier attempt that could not close its registration run (the server was gone) is closed now
+    tracking.fail_orphaned_runs(
+        mlflow_client,
+        study.info.experiment_id,
+        run_name=REGISTRATION_RUN_NAME,
+        parent=study_run_id,
+        pipeline_run_id=provenance[tracking.TAG_PIPELINE_RUN],
+    )
     run = mlflow_client.create_run(
         study.info.experiment_id,
         run_name=REGISTRATION_RUN_NAME,
@@ -652,6 +754,7 @@ def register_study_model(
             TAG_STUDY_RUN: study_run_id,
             **{k: v for k, v in provenance.items() if v},
             **{k: v for k, v in study_tags.items() if k in (tracking.TAG_KFP_RUN, tracking.TAG_KFP_TASK)},
+            **tracking.process_tags(),
         },
     )
     run_id = run.info.run_id
@@ -708,10 +811,10 @@ def register_study_model(
                     registered = mlflow.register_model(model_uri, name, tags=version_tags)
                 version, reused = str(registered.version), False
                 mlflow_client.set_registered_model_alias(name, CHALLENGER, version)
-    except BaseException:
-        mlflow_client.set_terminated(run_id, "FAILED")
+        mlflow_client.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:
+        tracking._mark_failed(mlflow_client, run_id, exc)
         raise
-    mlflow_client.set_terminated(run_id, "FINISHED")
     mlflow_client.set_tag(study_run_id, TAG_REGISTERED_VERSION, version)
     return RegistrationResult(name, version, decision, model_uri, run_id, reused)
 
@@ -727,7 +830,9 @@ def _version_predictions(mlflow_client: MlflowClient, version: Any, folder: Path
         return None
     try:
         local = mlflow_client.download_artifacts(run_id, tags.get(TAG_OOF, ARTIFACT_OOF), str(folder))
-    except (MlflowException, OSError):
+    except (MlflowException, OSError) as exc:
+        if tracking.is_unreachable(exc):
+            raise
         return None
     where = f"{version.name} version {version.version} ({TAG_OOF})"
     return validate_predictions(pd.read_parquet(local), where)
@@ -913,7 +1018,7 @@ def _refusal(
     """Build the exception, after noting the refusal on the version (best effort: it must not mask it)."""
     if version is not None:
         note = {"by": actor, "at": _iso(_now()), "kind": kind, "why": message}
-        with contextlib.suppress(MlflowException):
+        with tracking.quick_requests(), contextlib.suppress(Exception):
             mlflow_client.set_model_version_tag(name, version, TAG_LAST_REFUSAL, _tag_value(note))
     return PromotionRefused(message, kind, result)
 
@@ -950,7 +1055,8 @@ def promote(
     Checks, in order: the version exists and is not already champion; its gate passed (tag
     `sermtl.gate.passed`); with a champion, `compare_versions` and `registry.promotion.rule`. Without
     a champion the version is promoted on its gate alone. `force=True` overrides the gate, the rule and
-    missing evidence, never the lock, and needs a non-empty `reason`; it is recorded as forced.
+    missing evidence, never the lock; it is recorded as forced. A non-empty `reason` is required (kind
+    "input" otherwise), forced or not: it goes into the audit trail.
     Then, under the lock (see the module docstring for the exact semantics), the champion is re-read
     and the promotion refused as stale if it changed since it was first read.
 
@@ -961,6 +1067,8 @@ def promote(
     reason = (reason or "").strip()
     if force and not reason:
         raise PromotionRefused("--force needs a non-empty reason: it is recorded in the audit trail", "input")
+    if not reason:
+        raise PromotionRefused(f"a promotion {REASON_REQUIRED}", "input")
     aliases = _aliases(mlflow_client, name)
     if version is None:
         if CHALLENGER not in aliases:
@@ -1041,7 +1149,7 @@ def promote(
     except LockTimeout as exc:
         raise _refusal(mlflow_client, name, version, actor, str(exc), "lock_timeout") from None
     try:
-        model = _model(mlflow_client, name)
+        model = _repair(mlflow_client, name, actor)
         champion_now = (model.aliases or {}).get(CHAMPION)
         champion_now = str(champion_now) if champion_now is not None else None
         if champion_now != champion_before:
@@ -1066,16 +1174,21 @@ def promote(
                 "lock_lost",
             )
         at = _iso(_now())
-        history = _history(model) + ([champion_before] if champion_before else [])
+        history = _normalised(_history(model), champion_before) + (
+            [champion_before] if champion_before else []
+        )
         evidence_path = f"{ARTIFACT_PROMOTIONS}/{at.replace(':', '')}-v{version}.json"
         record = {"action": "promote", "version": version, "from": champion_before, "actor": actor, "at": at}
         record |= {"reason": reason, "forced": force}
         run_id = tags.get(TAG_REGISTRATION_RUN) or candidate.run_id
         if run_id:
-            with contextlib.suppress(MlflowException, OSError):
+            try:
                 mlflow_client.log_text(
                     run_id, json.dumps({**record, "evidence": evidence}, indent=2), evidence_path
                 )
+            except (MlflowException, OSError) as exc:
+                if tracking.is_unreachable(exc):
+                    raise
         # history first, then the alias (commit point), then the audit: a crash leaves rollback working
         mlflow_client.set_registered_model_tag(name, TAG_HISTORY, _json(history))
         if champion_before:
@@ -1097,8 +1210,10 @@ def promote(
         _record_champion_change(
             mlflow_client, model, version, {**record, "evidence": _evidence_summary(evidence)}
         )
-    finally:
-        lock.release()
+    except BaseException:
+        lock.release(quick=True)
+        raise
+    lock.release()
     message = (
         f"{name} version {version} is now champion"
         + (f" (replacing {champion_before})" if champion_before else " (first champion)")
@@ -1140,23 +1255,25 @@ def rollback(
     The entry is removed from the history, so repeated rollbacks walk further back; the version rolled
     back from is not pushed anywhere (promote it again to bring it back). History entries that are the
     current champion or whose version was deleted are skipped. Refuses (kind "no_history") when no
-    earlier champion is left.
+    earlier champion is left, and (kind "input") without a non-empty `reason`.
     """
     _, mlflow_client = _client(tracking_uri)
     actor = _actor(actor)
     reason = (reason or "").strip()
+    if not reason:
+        raise PromotionRefused(f"a rollback {REASON_REQUIRED}", "input")
     lock = PromotionLock(mlflow_client, name, owner=actor, timeout_s=lock_timeout_s, purpose="rollback")
     try:
         lock.acquire()
     except LockTimeout as exc:
         raise PromotionRefused(str(exc), "lock_timeout") from None
     try:
-        model = _model(mlflow_client, name)
+        model = _repair(mlflow_client, name, actor)
         current = (model.aliases or {}).get(CHAMPION)
         if current is None:
             raise PromotionRefused(f"{name} has no champion: nothing to roll back", "no_history")
         current = str(current)
-        history = _history(model)
+        history = _normalised(_history(model), current)
         target, skipped = None, []
         while history:
             candidate = history.pop()
@@ -1169,6 +1286,7 @@ def rollback(
                 skipped.append(candidate)
                 continue
             target = candidate
+            history = _normalised(history, target)
             break
         if target is None:
             raise PromotionRefused(
@@ -1184,8 +1302,10 @@ def rollback(
         at = _iso(_now())
         record = {"action": "rollback", "version": target, "from": current, "actor": actor, "at": at}
         record |= {"reason": reason, "skipped": skipped}
-        mlflow_client.set_registered_model_tag(name, TAG_HISTORY, _json(history))
+        # the alias first (commit point), then the history: a crash in between leaves the target on top of
+        # its own history, which _repair removes; the other order would lose the target from the history
         mlflow_client.set_registered_model_alias(name, CHAMPION, target)
+        mlflow_client.set_registered_model_tag(name, TAG_HISTORY, _json(history))
         if history:
             mlflow_client.set_registered_model_alias(name, PREVIOUS_CHAMPION, history[-1])
         elif PREVIOUS_CHAMPION in (model.aliases or {}):
@@ -1193,8 +1313,10 @@ def rollback(
         mlflow_client.set_model_version_tag(name, current, TAG_ROLLED_BACK, _tag_value(record))
         mlflow_client.set_model_version_tag(name, target, TAG_RESTORED, _tag_value(record))
         _record_champion_change(mlflow_client, model, target, record)
-    finally:
-        lock.release()
+    except BaseException:
+        lock.release(quick=True)
+        raise
+    lock.release()
     return PromotionResult(
         name=name,
         version=target,
@@ -1312,4 +1434,5 @@ def registry_state(name: str, *, tracking_uri: str | None = None) -> RegistrySta
         with contextlib.suppress(json.JSONDecodeError):
             audit.append(json.loads(model.tags[key]))
     lock = PromotionLock(mlflow_client, name, owner="reader", timeout_s=0).holder()
-    return RegistryState(name, aliases, versions, _history(model), audit, lock)
+    history = _normalised(_history(model), aliases.get(CHAMPION))
+    return RegistryState(name, aliases, versions, history, audit, lock)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sermtl.fsutil import atomic_directory
+from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir
 from sermtl.metrics import evaluate_predictions, validate_predictions
 from sermtl.params import Params
 from sermtl.schema import PREDICTIONS_FILE, RUN_METRICS_FILE
@@ -26,6 +26,13 @@ RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"
 RESULTS_HTML = "results.html"
 POOLED_PREDICTIONS = "predictions.parquet"
+STUDY_RECORD = "study.json"  # written beside the table by pipeline_runner.collect_step (its STUDY_FILE)
+# What a results folder holds; one of an earlier sermtl (no marker) is known by its results.json.
+RESULTS_OUTPUT = OutputKind.of(
+    "results",
+    (POOLED_PREDICTIONS, RESULTS_JSON, RESULTS_MARKDOWN, RESULTS_HTML, STUDY_RECORD),
+    (RESULTS_JSON,),
+)
 
 
 def run_dir(train_dir: Path, system: str, fold: int) -> Path:
@@ -157,11 +164,17 @@ def to_html(table: pd.DataFrame) -> str:
     )
 
 
-def collect_results(train_dir: Path, out_dir: Path, params: Params) -> pd.DataFrame:
-    """Write the study's pooled predictions and results table (JSON, Markdown, HTML) atomically."""
+def collect_results(
+    train_dir: Path, out_dir: Path, params: Params, store_dir: Path | None = None
+) -> pd.DataFrame:
+    """Write the study's pooled predictions and results table (JSON, Markdown, HTML) atomically.
+
+    `store_dir` (the ingest folder, when the caller reads it too) is only checked not to overlap `out_dir`.
+    """
+    check_output_dir(out_dir, RESULTS_OUTPUT, [("train folder", train_dir), ("ingest folder", store_dir)])
     predictions, fold_metrics = load_runs(train_dir, params)
     table = results_table(predictions, fold_metrics, params)
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, RESULTS_OUTPUT) as staging:
         predictions.to_parquet(staging / POOLED_PREDICTIONS, index=False)
         (staging / RESULTS_JSON).write_text(table.to_json(orient="records", indent=2) + "\n")
         (staging / RESULTS_MARKDOWN).write_text(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sermtl.fsutil import OutputKind
+
 DIMENSIONS: tuple[str, ...] = ("valence", "arousal", "dominance")
 CLASS_NAMES: tuple[str, ...] = ("low", "medium", "high")
 CATEGORIES: tuple[str, ...] = ("neu", "hap", "exc", "sad", "ang", "fru", "sur", "fea", "dis", "oth", "xxx")
@@ -47,6 +49,14 @@ HISTORY_FILE = "history.json"  # per-epoch metrics (neural systems)
 ATTENTION_FILE = "attention.npz"  # attention weights of a few test utterances (attention systems)
 MODEL_DIR = "model"  # what is needed to rebuild the trained predictor
 CHECKPOINT_FILE = "checkpoint.pt"  # latest epoch, for resumption after a kill
+# What `sermtl train` may write into a run directory (sermtl.fsutil.check_output_dir); a run directory of an
+# earlier sermtl, without the marker, is known by its metrics.json or checkpoint.pt.
+TRAIN_RUN_OUTPUT = OutputKind.of(
+    "train",
+    (PREDICTIONS_FILE, RUN_METRICS_FILE, HISTORY_FILE, ATTENTION_FILE, MODEL_DIR, CHECKPOINT_FILE),
+    (RUN_METRICS_FILE,),
+    (CHECKPOINT_FILE,),
+)
 
 # Output of `sermtl significance` (see sermtl.significance): paired tests of the proposed system vs baselines.
 SIGNIFICANCE_JSON = "significance.json"  # SignificanceReport.to_dict(), read by the registration gate

@@ -23,8 +23,16 @@ fold models keep a float32 TensorSpec signature, so over HTTP they take float sa
   (or mix) holds the speaker is the caller's knowledge.
 - refused, each with a message naming the problem: an empty request or empty waveform, integer samples
   other than int16 (e.g. int64, which is what a JSON list of integers becomes), bool/complex/object
-  samples, NaN or infinite samples, audio longer than `serving.max_duration_s`, float samples far
-  outside [-1, 1] (peak above FLOAT_PEAK_LIMIT: int16 PCM passed as float), more than two dimensions.
+  samples, NaN or infinite samples, float samples far outside [-1, 1] (peak above FLOAT_PEAK_LIMIT:
+  int16 PCM passed as float), more than two dimensions; and by length (`Limits`): an input shorter than
+  the minimum (`serving.min_duration_s`, raised to one frame of the networks' front end when a frame is
+  longer: shorter audio is one zero-padded frame, whose probabilities mean nothing) or longer than
+  `serving.max_duration_s`, and a request whose inputs together are longer than
+  `serving.max_total_duration_s`. Lengths are checked first, a wav file's from its header, before any
+  file is decoded or any sample converted. The limits are recorded in serving.json when the model is
+  logged, so the served model needs no params.yaml. The fourth limit, `serving.max_request_bytes`, is not
+  the model's to check (MLflow has parsed the whole body before the model is called): `sermtl serve`
+  (sermtl.scoring) refuses larger bodies with 413 before they are read.
 
 Errors are `InvalidAudioError`: a ValueError and an MlflowException with INVALID_PARAMETER_VALUE, which
 MLflow's scoring server (`mlflow models serve`) answers with HTTP 400 and the message (a plain ValueError
@@ -56,9 +64,11 @@ import binascii
 import contextlib
 import io
 import json
+import math
 import numbers
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +100,9 @@ MAX_ECHO_CHARS = 200  # of the request, in the message of a refused one (see Inv
 MAX_CHANNELS_GUESS = 8  # a 2-D array (n, c) with n > c and c <= this is multi-channel audio, not a batch
 
 _DEFAULT_SAMPLE_RATE = DataParams().sample_rate
-_DEFAULT_MAX_DURATION_S = ServingParams().max_duration_s
+_DEFAULT_LIMITS = ServingParams()
+# serving.json keys of the request limits (also in the MLmodel metadata as sermtl.limits)
+LIMIT_KEYS = ("max_duration_s", "min_duration_s", "max_total_duration_s", "max_request_bytes")
 
 
 class InvalidAudioError(MlflowException, ValueError):
@@ -273,46 +285,111 @@ def _file_bytes(item: Any, where: str) -> bytes:
     return bytes(item)
 
 
-def _decode_file(data: bytes, where: str, sample_rate: int, max_duration_s: float) -> np.ndarray:
+@dataclass(frozen=True)
+class Limits:
+    """How much audio a request may hold (serving.json records them with the model; see ensemble_members).
+
+    `min_duration_s` is the effective minimum, at least one frame of the networks' front end (`frame_s`):
+    shorter audio would be one zero-padded frame, whose probabilities mean nothing."""
+
+    sample_rate: int = _DEFAULT_SAMPLE_RATE
+    max_duration_s: float = _DEFAULT_LIMITS.max_duration_s
+    min_duration_s: float = _DEFAULT_LIMITS.min_duration_s
+    max_total_duration_s: float = _DEFAULT_LIMITS.max_total_duration_s
+    frame_s: float = 0.0
+
+    @property
+    def min_samples(self) -> int:
+        # rounded first: 0.1 s * 16000 Hz is 1600.0000000000002 in floats, and must mean 1600 samples
+        return max(1, math.ceil(round(max(self.min_duration_s, self.frame_s) * self.sample_rate, 6)))
+
+    def _minimum(self) -> str:
+        minimum = max(self.min_duration_s, self.frame_s)
+        if self.frame_s > self.min_duration_s:
+            return (
+                f"{minimum:g} s (one frame of the model's front end; serving.min_duration_s is "
+                f"{self.min_duration_s:g} s)"
+            )
+        return f"{minimum:g} s (serving.min_duration_s)"
+
+    def check_length(self, size: int, where: str) -> None:
+        """One input's length in samples: not empty, not shorter than the minimum, not over the maximum."""
+        rate = self.sample_rate
+        if size == 0:
+            raise InvalidAudioError(f"{where}: empty waveform (0 samples)")
+        if size < self.min_samples:
+            samples = f"{size} sample{'s' * (size != 1)}"
+            raise InvalidAudioError(
+                f"{where}: audio is {size / rate:.4f} s long ({samples} at {rate} Hz); the minimum is "
+                f"{self._minimum()}: too short to classify, send at least {self.min_samples} samples"
+            )
+        if size > self.max_duration_s * rate:
+            raise InvalidAudioError(
+                f"{where}: audio is {size / rate:.2f} s long ({size} samples at {rate} Hz); the limit is "
+                f"{self.max_duration_s:g} s (serving.max_duration_s): split it into shorter requests"
+            )
+
+    def check_total(self, sizes: Sequence[int]) -> None:
+        """All inputs of one request together."""
+        total, rate = int(sum(sizes)), self.sample_rate
+        if total > self.max_total_duration_s * rate:
+            inputs = f"{len(sizes)} input{'s' * (len(sizes) != 1)}"
+            raise InvalidAudioError(
+                f"the request holds {total / rate:.2f} s of audio in total ({inputs}, {total} samples at "
+                f"{rate} Hz); the limit is {self.max_total_duration_s:g} s per request "
+                "(serving.max_total_duration_s): send the inputs in several requests"
+            )
+
+
+def _open_wav(data: bytes, where: str):
     import soundfile
 
     if not data:
         raise InvalidAudioError(f"{where}: empty wav file (0 bytes)")
     try:
-        with soundfile.SoundFile(io.BytesIO(data)) as audio:
-            rate, channels, frames = int(audio.samplerate), int(audio.channels), int(audio.frames)
-            if rate != sample_rate:
-                raise InvalidAudioError(
-                    f"{where}: wav sample rate is {rate} Hz but this model expects {sample_rate} Hz; "
-                    f"resample to {sample_rate} Hz before sending (nothing is resampled here)"
-                )
-            if channels != 1:
-                raise InvalidAudioError(
-                    f"{where}: wav has {channels} channels; this model takes mono audio (downmix or pick "
-                    "the speaker's channel before sending)"
-                )
-            _check_length(frames, where, sample_rate, max_duration_s)
-            samples = audio.read(dtype="float32", always_2d=True)
+        return soundfile.SoundFile(io.BytesIO(data))
+    except (RuntimeError, TypeError, ValueError) as exc:  # soundfile.LibsndfileError is a RuntimeError
+        raise _unreadable(exc, where) from exc
+
+
+def _unreadable(exc: Exception, where: str) -> InvalidAudioError:
+    reason = getattr(exc, "error_string", None) or str(exc)
+    return InvalidAudioError(f"{where}: not a readable audio file (WAV, FLAC or OGG): {reason}")
+
+
+def _wav_frames(data: bytes, where: str, sample_rate: int) -> int:
+    """The length in samples of a mono file at `sample_rate`, from its header: nothing is decoded."""
+    with _open_wav(data, where) as audio:
+        rate, channels, frames = int(audio.samplerate), int(audio.channels), int(audio.frames)
+    if rate != sample_rate:
+        raise InvalidAudioError(
+            f"{where}: wav sample rate is {rate} Hz but this model expects {sample_rate} Hz; "
+            f"resample to {sample_rate} Hz before sending (nothing is resampled here)"
+        )
+    if channels != 1:
+        raise InvalidAudioError(
+            f"{where}: wav has {channels} channels; this model takes mono audio (downmix or pick "
+            "the speaker's channel before sending)"
+        )
+    return frames
+
+
+def _decode_wav(data: bytes, where: str, frames: int) -> np.ndarray:
+    """The samples of a file `_wav_frames` has checked (at most `frames` of them are decoded)."""
+    try:
+        with _open_wav(data, where) as audio:
+            samples = audio.read(frames, dtype="float32", always_2d=True)
     except InvalidAudioError:
         raise
-    except (RuntimeError, TypeError, ValueError) as exc:  # soundfile.LibsndfileError is a RuntimeError
-        reason = getattr(exc, "error_string", None) or str(exc)
-        raise InvalidAudioError(f"{where}: not a readable audio file (WAV, FLAC or OGG): {reason}") from exc
-    return _check_samples(samples[:, 0], where, sample_rate, max_duration_s)
-
-
-def _check_length(size: int, where: str, sample_rate: int, max_duration_s: float) -> None:
-    if size == 0:
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise _unreadable(exc, where) from exc
+    if samples.shape[0] == 0:
         raise InvalidAudioError(f"{where}: empty waveform (0 samples)")
-    if size > max_duration_s * sample_rate:
-        raise InvalidAudioError(
-            f"{where}: audio is {size / sample_rate:.2f} s long ({size} samples at {sample_rate} Hz); "
-            f"the limit is {max_duration_s:g} s (serving.max_duration_s): split it into shorter requests"
-        )
+    return _checked_values(samples[:, 0], where)
 
 
-def _check_samples(samples: Any, where: str, sample_rate: int, max_duration_s: float) -> np.ndarray:
-    """Validated mono float32 samples in [-1, 1] (int16 PCM scaled by 1/32768)."""
+def _sample_array(samples: Any, where: str) -> np.ndarray:
+    """The samples as a 1-D array of an audio dtype (float, or int16 PCM); values are not looked at yet."""
     if isinstance(samples, _FILE_TYPES):
         raise InvalidAudioError(f"{where}: expected an array of samples, got {type(samples).__name__}")
     try:
@@ -330,8 +407,7 @@ def _check_samples(samples: Any, where: str, sample_rate: int, max_duration_s: f
         )
     kind = array.dtype.kind
     if kind == "i" and array.dtype == np.int16:
-        _check_length(array.size, where, sample_rate, max_duration_s)
-        return (array.astype(np.float32) / np.float32(INT16_SCALE)).astype(np.float32)
+        return array
     if kind in "iu":
         raise InvalidAudioError(
             f"{where}: samples of integer dtype {array.dtype} are not accepted; send float32 samples in "
@@ -342,7 +418,13 @@ def _check_samples(samples: Any, where: str, sample_rate: int, max_duration_s: f
             f"{where}: samples of dtype {array.dtype} are not audio; send float32 samples in [-1, 1], "
             "int16 PCM, or a wav file"
         )
-    _check_length(array.size, where, sample_rate, max_duration_s)
+    return array
+
+
+def _checked_values(array: np.ndarray, where: str) -> np.ndarray:
+    """Validated mono float32 samples in [-1, 1] (int16 PCM scaled by 1/32768)."""
+    if array.dtype == np.int16:
+        return (array.astype(np.float32) / np.float32(INT16_SCALE)).astype(np.float32)
     finite = np.isfinite(array)
     if not finite.all():
         nan = int(np.isnan(array).sum())
@@ -363,21 +445,37 @@ def parse_input(
     model_input: Any,
     *,
     sample_rate: int = _DEFAULT_SAMPLE_RATE,
-    max_duration_s: float = _DEFAULT_MAX_DURATION_S,
+    max_duration_s: float = _DEFAULT_LIMITS.max_duration_s,
+    min_duration_s: float = _DEFAULT_LIMITS.min_duration_s,
+    max_total_duration_s: float = _DEFAULT_LIMITS.max_total_duration_s,
+    frame_s: float = 0.0,
 ) -> list[np.ndarray]:
     """The waveforms of a request (see the module docstring), each mono float32 in [-1, 1] at
-    `sample_rate`; anything else raises InvalidAudioError naming the problem and the input's index."""
+    `sample_rate`; anything else raises InvalidAudioError naming the problem and the input's index.
+
+    Lengths come first: every input's length (a wav file's from its header) is checked against the
+    per-input limits and their sum against `max_total_duration_s` before any file is decoded or any
+    sample converted. The minimum is max(min_duration_s, frame_s) (see Limits)."""
+    limits = Limits(sample_rate, max_duration_s, min_duration_s, max_total_duration_s, frame_s)
     items = _items(model_input)
     if not items:
         raise InvalidAudioError("empty request: no waveform or wav file given")
-    waveforms = []
+    measured: list[tuple[str, str, Any, int]] = []  # (kind, where, bytes or array, samples)
     for index, (kind, item) in enumerate(items):
         where = "input" if len(items) == 1 else f"input {index}"
         if kind == WAV_COLUMN:
-            waveforms.append(_decode_file(_file_bytes(item, where), where, sample_rate, max_duration_s))
+            payload: Any = _file_bytes(item, where)
+            size = _wav_frames(payload, where, sample_rate)
         else:
-            waveforms.append(_check_samples(item, where, sample_rate, max_duration_s))
-    return waveforms
+            payload = _sample_array(item, where)
+            size = int(payload.size)
+        limits.check_length(size, where)
+        measured.append((kind, where, payload, size))
+    limits.check_total([size for *_, size in measured])
+    return [
+        _decode_wav(payload, where, size) if kind == WAV_COLUMN else _checked_values(payload, where)
+        for kind, where, payload, size in measured
+    ]
 
 
 def return_attention_param(params: dict[str, Any] | None, default: bool) -> bool:
@@ -435,15 +533,39 @@ def predict_frame(
     return pd.DataFrame(rows)
 
 
+def front_end_frame_s(predictor: Any) -> float:
+    """Seconds of audio in one frame of a predictor's networks (the longest); 0 when it has none (the
+    eGeMAPS baseline, test stand-ins)."""
+    frames = [0.0]
+    for network in getattr(predictor, "networks", {}).values():
+        config = getattr(network, "config", None)
+        if config is not None and getattr(config, "sample_rate", 0):
+            frames.append(config.frame_samples / config.sample_rate)
+    return max(frames)
+
+
 class AudioPyfunc(mlflow.pyfunc.PythonModel):
     """Shared predict of the served models: parse the request (`parse_input`), run every member
     predictor (one for a fold model, K for the ensemble), average. Subclasses load the members."""
 
     predictors: list[Any]
     sample_rate: int = _DEFAULT_SAMPLE_RATE
-    max_duration_s: float = _DEFAULT_MAX_DURATION_S
+    max_duration_s: float = _DEFAULT_LIMITS.max_duration_s
+    min_duration_s: float = _DEFAULT_LIMITS.min_duration_s
+    max_total_duration_s: float = _DEFAULT_LIMITS.max_total_duration_s
+    # Not checked here (the body is parsed before the model sees it): read by `sermtl serve`
+    # (sermtl.scoring), which refuses larger request bodies with 413 before they are parsed.
+    max_request_bytes: int = _DEFAULT_LIMITS.max_request_bytes
+    frame_s: float = 0.0  # the front end's frame; 0: taken from the members' networks
     return_attention: bool = False
     dimensions: list[str] | None = None
+
+    def limits(self) -> Limits:
+        """The request limits; the minimum is at least one frame of every member's front end."""
+        frame_s = max([self.frame_s, *(front_end_frame_s(p) for p in getattr(self, "predictors", []))])
+        return Limits(
+            self.sample_rate, self.max_duration_s, self.min_duration_s, self.max_total_duration_s, frame_s
+        )
 
     def predict(
         self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
@@ -453,7 +575,15 @@ class AudioPyfunc(mlflow.pyfunc.PythonModel):
         (np.ndarray is one of the hints from which MLflow infers no schema: the explicit signature rules.)
         """
         attention = return_attention_param(params, self.return_attention)
-        waveforms = parse_input(model_input, sample_rate=self.sample_rate, max_duration_s=self.max_duration_s)
+        limits = self.limits()
+        waveforms = parse_input(
+            model_input,
+            sample_rate=limits.sample_rate,
+            max_duration_s=limits.max_duration_s,
+            min_duration_s=limits.min_duration_s,
+            max_total_duration_s=limits.max_total_duration_s,
+            frame_s=limits.frame_s,
+        )
         return predict_frame(self.predictors, waveforms, self.dimensions, attention)
 
 
@@ -461,8 +591,10 @@ class SerEnsemblePyfunc(AudioPyfunc):
     """The registered model: the K fold networks of one system, probabilities averaged.
 
     Artifacts: `fold<k>` (each fold's model/ folder, rebuilt by sermtl.training.load_predictor) and
-    `serving_config` (serving.json: format, system, folds, sample_rate, max_duration_s, return_attention,
-    dimensions, frame_hop_s, class_names). Loading needs the sermtl package (shipped as code_paths).
+    `serving_config` (serving.json: format, system, folds, sample_rate, the request limits
+    max_duration_s, min_duration_s (already at least one frame), max_total_duration_s and
+    max_request_bytes, return_attention, dimensions, frame_s, frame_hop_s, class_names). Loading needs the
+    sermtl package (shipped as code_paths).
     """
 
     def load_context(self, context: Any) -> None:
@@ -487,6 +619,13 @@ class SerEnsemblePyfunc(AudioPyfunc):
         self.predictors = list(predictors)
         self.sample_rate = int(config["sample_rate"])
         self.max_duration_s = float(config["max_duration_s"])
+        # serving.json of models logged before these limits existed lacks them: ServingParams' defaults
+        self.min_duration_s = float(config.get("min_duration_s", _DEFAULT_LIMITS.min_duration_s))
+        self.max_total_duration_s = float(
+            config.get("max_total_duration_s", _DEFAULT_LIMITS.max_total_duration_s)
+        )
+        self.max_request_bytes = int(config.get("max_request_bytes", _DEFAULT_LIMITS.max_request_bytes))
+        self.frame_s = float(config.get("frame_s", 0.0))
         self.return_attention = bool(config.get("return_attention", False))
         self.dimensions = _ordered(config["dimensions"])
 
@@ -579,13 +718,29 @@ def ensemble_members(
         raise ValueError(f"{system}: fold networks frame the audio differently {sorted(framing)}")
     ((frame_samples, hop_samples),) = framing
     rate = params.data.sample_rate
+    limits = params.serving
+    # The served model's own limits, so that it needs no params.yaml when served: the minimum is raised
+    # to one frame of the front end (shorter audio is a single zero-padded frame).
+    min_duration_s = max(float(limits.min_duration_s), frame_samples / rate)
+    if not 0 < min_duration_s <= min(limits.max_duration_s, limits.max_total_duration_s):
+        raise ValueError(
+            f"serving: the minimum duration ({min_duration_s:g} s: serving.min_duration_s "
+            f"{limits.min_duration_s:g} s or one {frame_samples / rate:g} s frame) must be positive and "
+            f"at most serving.max_duration_s ({limits.max_duration_s:g} s) and "
+            f"serving.max_total_duration_s ({limits.max_total_duration_s:g} s)"
+        )
+    if limits.max_request_bytes <= 0:
+        raise ValueError(f"serving.max_request_bytes must be positive, got {limits.max_request_bytes}")
     config = {
         "format": SERVING_FORMAT,
         "system": system,
         "folds": list(members),
         "sample_rate": rate,
-        "max_duration_s": float(params.serving.max_duration_s),
-        "return_attention": bool(params.serving.return_attention),
+        "max_duration_s": float(limits.max_duration_s),
+        "min_duration_s": min_duration_s,
+        "max_total_duration_s": float(limits.max_total_duration_s),
+        "max_request_bytes": int(limits.max_request_bytes),
+        "return_attention": bool(limits.return_attention),
         "dimensions": _ordered(dimensions or []),
         "class_names": list(CLASS_NAMES),
         "frame_s": frame_samples / rate,
@@ -645,11 +800,13 @@ def log_ensemble_model(
                         "sermtl.dimensions": config["dimensions"],
                         "sermtl.sample_rate": config["sample_rate"],
                         "sermtl.ensemble": config["ensemble"],
+                        "sermtl.limits": {key: config[key] for key in LIMIT_KEYS},
                     },
                     **tracking.model_packaging("neural"),
                 )
     except BaseException:
-        with contextlib.suppress(Exception):  # log_model marks it FAILED itself once it has started
+        # log_model marks it FAILED itself once it has started; a dead server must not cost a second budget.
+        with contextlib.suppress(Exception), tracking.quick_requests():
             mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
         raise
     mlflow_client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])

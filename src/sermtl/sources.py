@@ -10,7 +10,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import Any, Protocol
+
+from sermtl.errors import ServiceUnreachable, redact_uri
+
+# Throttling and dropped connections are retried; a store that does not answer fails in seconds.
+S3_MAX_ATTEMPTS = 4
+S3_CONNECT_TIMEOUT_S = 5
 
 
 class CorpusError(ValueError):
@@ -108,18 +114,50 @@ class S3Source:
         self.uri = uri
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or ""
         self.client = boto3.client(
             "s3",
-            endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+            endpoint_url=self.endpoint or None,
             config=Config(
-                retries={"max_attempts": 8, "mode": "adaptive"}, connect_timeout=10, read_timeout=60
+                retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "adaptive"},
+                connect_timeout=S3_CONNECT_TIMEOUT_S,
+                read_timeout=60,
             ),
         )
+
+    def _call(self, what: str, call: Any) -> Any:
+        """Run one S3 request; connection failures and refusals become one clear error each."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionError,
+            NoCredentialsError,
+        )
+
+        try:
+            return call()
+        except ConnectionError as exc:  # connect/read timeouts, refused or unresolvable endpoints
+            raise ServiceUnreachable("S3", self.endpoint or "AWS S3", str(exc)) from exc
+        except NoCredentialsError as exc:
+            raise CorpusError(
+                f"{self.uri}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+            ) from exc
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            raise CorpusError(
+                f"{self.uri}: {what} refused by S3 at {redact_uri(self.endpoint) or 'AWS'}: "
+                f"{error.get('Code', '?')} {error.get('Message', '')}".rstrip()
+            ) from exc
+        except BotoCoreError as exc:
+            raise CorpusError(f"{self.uri}: {what} failed: {exc}") from exc
 
     def list_files(self) -> list[SourceFile]:
         files: list[SourceFile] = []
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+        pages = self._call(
+            "listing", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=self.prefix))
+        )
+        for page in pages:
             for obj in page.get("Contents", []):
                 key = obj["Key"]
                 if key.endswith("/"):
@@ -132,8 +170,10 @@ class S3Source:
 
     def read_bytes(self, path: str) -> bytes:
         _check_relative(path, self.uri)
-        response = self.client.get_object(Bucket=self.bucket, Key=self.prefix + path)
-        return response["Body"].read()
+        key = self.prefix + path
+        return self._call(
+            f"reading {path}", lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        )
 
 
 def open_source(uri: str, endpoint_url: str = "") -> CorpusSource:

@@ -39,11 +39,17 @@ from scipy.signal import lfilter
 from tqdm import tqdm
 
 from sermtl.corpus import to_class
-from sermtl.fsutil import atomic_directory
+from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir
 from sermtl.parallel import worker_count
 from sermtl.params import Thresholds
 
 SESSIONS: tuple[int, ...] = (1, 2, 3, 4, 5)
+# A synthetic corpus is only recognised by its marker: a real IEMOCAP copy has the same layout.
+SYNTH_OUTPUT = OutputKind.of(
+    "synth",
+    [f"Session{s}" for s in SESSIONS],
+    hint="it may be a real corpus; delete it yourself if it is a synthetic corpus of an older sermtl",
+)
 # Utterances per session and dialogs in the real corpus: the synthetic one is scaled from these.
 REAL_SESSION_UTTERANCES: tuple[int, ...] = (1819, 1811, 2136, 2103, 2170)
 REAL_UTTERANCES = 10039
@@ -193,14 +199,16 @@ def synthesize(
 ) -> SynthSummary:
     """Write a synthetic IEMOCAP_full_release folder at `out_dir` (which holds Session1..Session5).
 
-    Built in a sibling temporary folder and moved into place, so a crash never leaves a half corpus;
-    an existing corpus at `out_dir` is replaced. The same arguments always give identical bytes.
+    Built in a sibling temporary folder and moved into place, so a crash never leaves a half corpus.
+    An existing folder at `out_dir` is replaced only when empty or written by `synthesize` (its marker,
+    sermtl.fsutil.OUTPUT_MARKER); anything else raises OutputFolderError before any work. The same
+    arguments always give identical bytes.
     """
     _validate(utterances, seed, mean_duration_s, sample_rate)
     utterances, seed, sample_rate = int(utterances), int(seed), int(sample_rate)
     mean_duration_s = float(mean_duration_s)
     out_dir = Path(out_dir)
-    _check_replaceable(out_dir)
+    check_output_dir(out_dir, SYNTH_OUTPUT)
     root = np.random.SeedSequence(seed)
     plan_seq, audio_seq = root.spawn(2)
     dialogs, speakers = _plan(utterances, np.random.default_rng(plan_seq), mean_duration_s, sample_rate)
@@ -212,7 +220,7 @@ def synthesize(
     jobs = sorted(dialogs, key=lambda d: (-len(d.utts), d.name))
     workers = _worker_count(len(all_utts))
     total_samples = 0
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, SYNTH_OUTPUT) as tmp:
         for dialog in dialogs:
             _write_annotations(tmp, dialog, sample_rate)
         bar = tqdm(total=len(all_utts), disable=not progress, file=sys.stderr, unit="utt", desc="synth")
@@ -330,20 +338,6 @@ def _validate(utterances: int, seed: int, mean_duration_s: float, sample_rate: i
         )
     if not integral(sample_rate) or not 8000 <= sample_rate <= 96000:
         raise ValueError(f"sample_rate must be an integer in [8000, 96000] Hz, got {sample_rate!r}")
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    """Only an empty folder or a previous corpus (holding SessionN folders) may be replaced."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ValueError(f"{out_dir} exists and is not a folder; refusing to replace it")
-    entries = [p.name for p in out_dir.iterdir()]
-    if entries and not any(name in {f"Session{s}" for s in SESSIONS} for name in entries):
-        raise ValueError(
-            f"{out_dir} is not empty and holds no Session1..Session5 folder; refusing to replace "
-            "what does not look like a corpus"
-        )
 
 
 # ----------------------------------------------------------------------------------------------

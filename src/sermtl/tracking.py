@@ -9,6 +9,12 @@ Where runs go: `$MLFLOW_TRACKING_URI` (a server, e.g. sermtl.localstack.MlflowSe
 else a sqlite store under ./mlruns with an explicit artifact root, so nothing lands in a random cwd.
 All functions take `tracking_uri=` to override that and use MlflowClient, so no global MLflow state
 (active run, tracking URI) is left behind; only model logging briefly needs a fluent active run.
+
+Reaching the server (`mlflow_service`, used by every entry point: the CLI commands and the pipeline
+steps): MLflow's HTTP retries are bounded by `tracking.retry_budget_s`, a server that cannot be reached
+is one ServiceUnreachable naming it (credentials removed), and a step that fails midway marks the runs
+it created FAILED; runs it could not mark (the server was gone) are marked by the next study or
+registration in the same experiment once their creator is provably gone (`fail_orphaned_runs`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -34,9 +41,10 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sermtl import gitinfo
+from sermtl import gitinfo, procinfo
+from sermtl.errors import ServiceUnreachable, redact_text, redact_uri
 from sermtl.metrics import PROBABILITY_COLUMNS, evaluate_predictions, flat_metrics, validate_predictions
-from sermtl.params import Params
+from sermtl.params import Params, TrackingParams
 from sermtl.schema import (
     ATTENTION_FILE,
     CLASS_NAMES,
@@ -69,6 +77,9 @@ TAG_FOLD = "sermtl.fold"
 TAG_KIND = "sermtl.kind"
 TAG_MODEL_URI = "sermtl.model_uri"  # models:/m-<id> of the fold's logged model (MLflow 3 LoggedModel)
 TAG_PARENT = "mlflow.parentRunId"  # what the MLflow UI nests child runs by
+TAG_PROCESS = "sermtl.process."  # sermtl.process.{host,pid,started,machine}: who created the run
+TAG_FAILURE = "sermtl.failure"  # why a run was marked FAILED (the error, credentials removed)
+TAG_ORPHANED = "sermtl.orphaned"  # on a run left RUNNING by a dead process: who marked it FAILED, why
 TAG_NOTE = "mlflow.note.content"  # the run's description in the UI
 
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
@@ -122,7 +133,9 @@ def ensure_experiment(name: str, *, tracking_uri: str | None = None) -> str:
     if experiment is None:
         try:
             return mlflow_client.create_experiment(name, artifact_location=_artifact_location(uri))
-        except MlflowException:  # created concurrently by another component of the same pipeline
+        except MlflowException as exc:  # created concurrently by another component of the same pipeline
+            if is_unreachable(exc):
+                raise
             experiment = mlflow_client.get_experiment_by_name(name)
             if experiment is None:
                 raise
@@ -147,6 +160,287 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
             os.environ[TRACKING_URI_ENV] = saved_env
         else:
             os.environ.pop(TRACKING_URI_ENV, None)
+
+
+# --- reaching the server: bounded retries, one clear error, no run left RUNNING ------------------------
+
+RETRY_ENV = (
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER",
+)
+SUPPRESS_URL_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"  # MLflow prints run URLs with the user-info
+MAX_RETRIES_LIMIT = 10  # MLflow refuses more (_MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT)
+BACKOFF_JITTER_S = 0.5
+MIN_TIMEOUT_S = 5
+CLEANUP_TIMEOUT_S = 5  # one attempt (and one immediate retry) per call of a best-effort cleanup
+
+# Runs this process created, failed to mark FAILED (the server was gone) and gave up on.
+_ABANDONED: set[str] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """MLflow's HTTP retry settings (urllib3 Retry: `max_retries` retries, the k-th after
+    `backoff_factor * 2**(k-1)` s plus up to `backoff_jitter`, none before the first) fitted to a budget."""
+
+    budget_s: float
+    max_retries: int
+    backoff_factor: int
+    backoff_jitter: float
+    timeout_s: int  # per attempt (connect, and each wait for an answer)
+
+    def sleep_before(self, retry: int) -> float:
+        return 0.0 if retry <= 1 else self.backoff_factor * 2 ** (retry - 1) + self.backoff_jitter
+
+    @property
+    def backoff_s(self) -> float:
+        """Longest total wait between the attempts: what a refusing server costs before the error."""
+        return sum(self.sleep_before(k) for k in range(1, self.max_retries + 1))
+
+    @property
+    def worst_case_s(self) -> float:
+        """A server that accepts connections but never answers: every attempt waits its timeout."""
+        return (self.max_retries + 1) * self.timeout_s + self.backoff_s
+
+    def env(self) -> dict[str, str]:
+        return {
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.max_retries),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(self.backoff_factor),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": f"{self.backoff_jitter:g}",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.timeout_s),
+            # a Retry-After header could stretch one wait past the whole budget
+            "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",
+        }
+
+
+def retry_policy(budget_s: float) -> RetryPolicy:
+    """As many retries as fit, backoff and jitter included, into `budget_s` (a refused connection or a
+    5xx/429 answer fails within it); each attempt times out after max(5, budget/2) s."""
+    budget = float(budget_s)
+    policy = RetryPolicy(budget, 0, 1, BACKOFF_JITTER_S, max(MIN_TIMEOUT_S, math.ceil(budget / 2)))
+    waited = 0.0
+    while policy.max_retries < MAX_RETRIES_LIMIT:
+        step = policy.sleep_before(policy.max_retries + 1)
+        if waited + step > budget:
+            break
+        waited += step
+        policy = dataclasses.replace(policy, max_retries=policy.max_retries + 1)
+    return policy
+
+
+_REASONS = (
+    (re.compile(r"too many (\d{3}) error responses"), "answered HTTP {0} to every attempt"),
+    (re.compile(r"Connection refused"), "connection refused"),
+    (
+        re.compile(r"Name or service not known|nodename nor servname|name resolution|getaddrinfo failed"),
+        "host name not found",
+    ),
+    (re.compile(r"No route to host|Network is unreachable"), "no route to host"),
+    (re.compile(r"[Tt]imed? ?out"), "no answer (timed out)"),
+    (
+        re.compile(r"Connection reset|Connection aborted|RemoteDisconnected|closed connection"),
+        "connection dropped",
+    ),
+)
+
+
+def unreachable_cause(exc: BaseException | None) -> BaseException | None:
+    """The transport failure (refused, timed out, retries on 5xx/429 used up) behind an MLflow error, or
+    None when the server answered (then the error is the server's own)."""
+    import requests
+
+    kinds = (
+        ServiceUnreachable,
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.RetryError,
+    )
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kinds):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    return unreachable_cause(exc) is not None
+
+
+def _reason(cause: BaseException) -> str:
+    text = str(cause)
+    for pattern, label in _REASONS:
+        found = pattern.search(text)
+        if found:
+            return label.format(*found.groups())
+    return type(cause).__name__
+
+
+def _current_timeout() -> int:
+    try:
+        return int(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120"))
+    except ValueError:
+        return 120
+
+
+@contextlib.contextmanager
+def _env(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def quick_requests() -> Iterator[None]:
+    """MLflow calls inside make one attempt and one immediate retry, each timing out after
+    CLEANUP_TIMEOUT_S: for best-effort cleanups after a failure, which must not spend the budget again."""
+    with _env(
+        {
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(min(CLEANUP_TIMEOUT_S, _current_timeout())),
+        }
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def mlflow_service(
+    params: Params | None = None, *, tracking_uri: str | None = None, budget_s: float | None = None
+) -> Iterator[str]:
+    """Around the MLflow calls of one entry point (a CLI command, a pipeline step); yields the URI.
+
+    - sets MLflow's HTTP retry variables (RETRY_ENV) from `params.tracking.retry_budget_s` (or
+      `budget_s`) before the first call, and restores them after; `retry_policy` says what they are;
+    - with user-info in the URI, stops MLflow printing run URLs (they would show the password);
+    - turns an MLflow failure to reach the server into ServiceUnreachable("MLflow", uri, why), one line
+      with the credentials removed (the original exception is not chained: its text holds the URL).
+    """
+    uri = _resolve(tracking_uri)
+    if budget_s is None:
+        budget_s = (params.tracking if params is not None else TrackingParams()).retry_budget_s
+    policy = retry_policy(budget_s)
+    target = redact_uri(uri)
+    values = policy.env()
+    if target != uri:
+        values[SUPPRESS_URL_ENV] = "true"
+    try:
+        with _env(values):
+            yield uri
+    except Exception as exc:
+        import requests
+
+        cause = unreachable_cause(exc)
+        if cause is None or not isinstance(exc, MlflowException | requests.exceptions.RequestException):
+            raise  # ServiceUnreachable already, or not an MLflow call's failure (e.g. a CLI exit)
+        raise ServiceUnreachable(
+            "MLflow",
+            uri,
+            f"{_reason(cause)}; gave up after {policy.max_retries + 1} attempts "
+            f"(tracking.retry_budget_s = {policy.budget_s:g} s)",
+        ) from None
+
+
+def _mark_failed(mlflow_client: MlflowClient, run_id: str, error: BaseException | None = None) -> bool:
+    """Best effort, quickly: `run_id` FAILED, the error (credentials removed) in its sermtl.failure tag.
+    Never raises (the error being handled is what the caller re-raises); a run that cannot be marked is
+    remembered for fail_orphaned_runs."""
+    try:
+        with quick_requests():
+            mlflow_client.set_terminated(run_id, "FAILED")
+            if error is not None:
+                with contextlib.suppress(Exception):
+                    text = redact_text(f"{type(error).__name__}: {error}".splitlines()[0])
+                    mlflow_client.set_tag(run_id, TAG_FAILURE, text[:MAX_TAG_VALUE])
+    except Exception:
+        _ABANDONED.add(run_id)
+        return False
+    _ABANDONED.discard(run_id)
+    return True
+
+
+def process_tags() -> dict[str, str]:
+    """The creating process, on every run this module creates (see sermtl.procinfo)."""
+    return procinfo.current().to_tags(TAG_PROCESS)
+
+
+def fail_orphaned_runs(
+    mlflow_client: MlflowClient,
+    experiment_id: str,
+    *,
+    run_name: str | None = None,
+    parent: str | None = None,
+    pipeline_run_id: str | None = None,
+) -> list[str]:
+    """Mark FAILED the RUNNING runs of `experiment_id` that nobody will ever end; returns their ids.
+
+    A run is orphaned when (1) this process created it and could not mark it FAILED (the server was
+    gone), (2) its sermtl.process.* tags name a process on this machine that provably no longer runs
+    (sermtl.procinfo.is_gone), or (3) it is an earlier attempt of the run about to be created: the same
+    non-empty pipeline run id, run name and parent (a Kubeflow retry of the same step, in another pod);
+    RUNNING children of an orphan are orphans too. A RUNNING run of a live process, or of another
+    machine outside rule 3, is left alone: that cannot be decided from here.
+    """
+    running = _search(mlflow_client, experiment_id, "attributes.status = 'RUNNING'")
+    orphans: dict[str, str] = {}
+    for run in running:
+        run_id, tags = run.info.run_id, run.data.tags
+        creator = procinfo.ProcessId.from_tags(tags, TAG_PROCESS)
+        if run_id in _ABANDONED:
+            orphans[run_id] = "this process could not mark it FAILED when its step failed"
+        elif creator is not None and procinfo.is_gone(creator):
+            orphans[run_id] = f"the process that created it ({creator.describe()}) is gone"
+        elif (
+            pipeline_run_id
+            and tags.get(TAG_PIPELINE_RUN) == pipeline_run_id
+            and run.info.run_name == run_name
+            and tags.get(TAG_PARENT) == parent
+        ):
+            orphans[run_id] = f"an earlier attempt of the same step of pipeline run {pipeline_run_id}"
+    for run in running:
+        parent_id = run.data.tags.get(TAG_PARENT)
+        if parent_id in orphans and run.info.run_id not in orphans:
+            orphans[run.info.run_id] = f"its parent run {parent_id} was left RUNNING"
+    me = procinfo.current().describe()
+    marked = []
+    for run_id, why in orphans.items():
+        try:
+            mlflow_client.set_terminated(run_id, "FAILED")
+            mlflow_client.set_tag(run_id, TAG_ORPHANED, f"{why}; marked FAILED by {me} at {_iso_now()}")
+        except MlflowException as exc:
+            if is_unreachable(exc):
+                raise
+            continue  # e.g. deleted meanwhile
+        _ABANDONED.discard(run_id)
+        marked.append(run_id)
+    return marked
+
+
+def _search(mlflow_client: MlflowClient, experiment_id: str, filter_string: str) -> list[Any]:
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = mlflow_client.search_runs(
+            [experiment_id], filter_string=filter_string, max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return runs
+
+
+def _iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # --- provenance ---------------------------------------------------------------------------------------
@@ -184,7 +478,11 @@ def flatten(value: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
 
 def _param_value(value: Any) -> str:
     text = json.dumps(value, separators=(",", ":")) if isinstance(value, list | tuple) else str(value)
-    return text[:MAX_PARAM_VALUE]
+    return redact_text(text)[:MAX_PARAM_VALUE]  # e.g. an endpoint URL with user-info: never logged
+
+
+def _tag_text(value: Any) -> str:
+    return redact_text(str(value))[:MAX_TAG_VALUE]
 
 
 def _number(value: Any) -> float | None:
@@ -218,7 +516,7 @@ def _log_metrics(mlflow_client: MlflowClient, run_id: str, metrics: list[Metric]
 
 
 def _log_tags(mlflow_client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
-    items = [RunTag(_safe_key(k), str(v)[:MAX_TAG_VALUE]) for k, v in tags.items() if v is not None]
+    items = [RunTag(_safe_key(k), _tag_text(v)) for k, v in tags.items() if v is not None]
     for start in range(0, len(items), PARAMS_PER_BATCH):
         mlflow_client.log_batch(run_id, tags=items[start : start + PARAMS_PER_BATCH])
 
@@ -262,13 +560,22 @@ def start_study(
         TAG_PIPELINE_RUN: pipeline_run_id or os.environ.get("KFP_RUN_ID") or None,
     }
     all_tags.update(tags or {})
+    all_tags.update(process_tags())
     mlflow_client = client(uri)
+    # Runs an earlier, failed attempt could not close (the server was gone then) are closed now.
+    fail_orphaned_runs(
+        mlflow_client, experiment_id, run_name=name, pipeline_run_id=all_tags.get(TAG_PIPELINE_RUN)
+    )
     run = mlflow_client.create_run(
         experiment_id,
         run_name=name,
-        tags={_safe_key(k): str(v)[:MAX_TAG_VALUE] for k, v in all_tags.items() if v is not None},
+        tags={_safe_key(k): _tag_text(v) for k, v in all_tags.items() if v is not None},
     )
-    _log_params(mlflow_client, run.info.run_id, flatten(params))
+    try:
+        _log_params(mlflow_client, run.info.run_id, flatten(params))
+    except BaseException as exc:
+        _mark_failed(mlflow_client, run.info.run_id, exc)
+        raise
     return run.info.run_id
 
 
@@ -276,6 +583,7 @@ def end_study(parent_run_id: str, status: str = "FINISHED", *, tracking_uri: str
     """Close the parent run (FINISHED, FAILED or KILLED)."""
     RunStatus.from_string(status)  # a typo is an error here, not a silently RUNNING run
     client(tracking_uri).set_terminated(parent_run_id, status)
+    _ABANDONED.discard(parent_run_id)
 
 
 def log_study_results(
@@ -317,7 +625,7 @@ def log_study_results(
                 continue
             metrics.append(Metric(_safe_key(name), number, stamp, 0))
     _log_metrics(mlflow_client, parent_run_id, metrics)
-    mlflow_client.set_tag(parent_run_id, TAG_NOTE, results_markdown[:MAX_TAG_VALUE])
+    mlflow_client.set_tag(parent_run_id, TAG_NOTE, _tag_text(results_markdown))
 
 
 # --- one (system, fold) run (child) -------------------------------------------------------------------
@@ -440,11 +748,12 @@ def log_fold_run(
         TAG_FOLD: str(fold),
         TAG_KIND: kind or None,
         **(tags or {}),
+        **process_tags(),
     }
     run = mlflow_client.create_run(
         experiment_id,
         run_name=name,
-        tags={_safe_key(k): str(v)[:MAX_TAG_VALUE] for k, v in child_tags.items() if v is not None},
+        tags={_safe_key(k): _tag_text(v) for k, v in child_tags.items() if v is not None},
     )
     run_id = run.info.run_id
     try:
@@ -480,10 +789,10 @@ def log_fold_run(
             dimensions = [d for d in DIMENSIONS if d in set(predictions["dimension"])] or list(DIMENSIONS)
             model_uri = _log_model(uri, run_id, model_dir, kind, dimensions)
             mlflow_client.set_tag(run_id, TAG_MODEL_URI, model_uri)
-    except BaseException:
-        mlflow_client.set_terminated(run_id, "FAILED")
+        mlflow_client.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:
+        _mark_failed(mlflow_client, run_id, exc)
         raise
-    mlflow_client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
@@ -717,20 +1026,24 @@ def model_packaging(kind: str) -> dict[str, Any]:
 
 def _log_model(uri: str, run_id: str, model_dir: Path, kind: str, dimensions: list[str]) -> str:
     """Log the pyfunc inside the child run (MLflow 3 makes it a LoggedModel linked to the run)."""
-    with (
-        _fluent_tracking_uri(uri),
-        mlflow.start_run(run_id=run_id),
-        warnings.catch_warnings(),
-    ):
+    with _fluent_tracking_uri(uri), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
-            python_model=SerModelPyfunc(),
-            artifacts={"model_dir": str(model_dir)},
-            signature=model_signature(dimensions),
-            metadata={"sermtl.kind": kind, "sermtl.dimensions": dimensions},
-            **model_packaging(kind),
-        )
+        mlflow.start_run(run_id=run_id)
+        try:
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=SerModelPyfunc(),
+                artifacts={"model_dir": str(model_dir)},
+                signature=model_signature(dimensions),
+                metadata={"sermtl.kind": kind, "sermtl.dimensions": dimensions},
+                **model_packaging(kind),
+            )
+        except BaseException:
+            # not `with mlflow.start_run()`: its exit would spend a whole retry budget on a dead server
+            with quick_requests(), contextlib.suppress(Exception):
+                mlflow.end_run("FAILED")
+            raise
+        mlflow.end_run()
     return info.model_uri
 
 
@@ -763,8 +1076,9 @@ def track_study(
     """Log a finished study: parent run, one child per (system, fold), the results on the parent.
 
     `tags` go onto the parent (start_study) and, as children inherit the parent's `sermtl.*` tags, onto
-    every child too (e.g. the KFP run and task). A failure while logging marks the parent FAILED instead
-    of leaving it running.
+    every child too (e.g. the KFP run and task). A failure while logging marks the parent (and the child
+    being logged) FAILED instead of leaving it running; if the server is gone by then, the next study
+    in the experiment does (fail_orphaned_runs).
     """
     from sermtl.results import RESULTS_HTML, RESULTS_MARKDOWN
 
@@ -793,8 +1107,8 @@ def track_study(
             table,
             tracking_uri=tracking_uri,
         )
-    except BaseException:
-        end_study(parent, "FAILED", tracking_uri=tracking_uri)
+        end_study(parent, tracking_uri=tracking_uri)
+    except BaseException as exc:
+        _mark_failed(client(tracking_uri), parent, exc)
         raise
-    end_study(parent, tracking_uri=tracking_uri)
     return parent

@@ -67,7 +67,7 @@ from sermtl.batching import (
     training_batches,
 )
 from sermtl.folds import Fold, leave_one_session_out
-from sermtl.fsutil import atomic_directory, write_json
+from sermtl.fsutil import atomic_directory, check_output_dir, read_marker, write_json, write_marker
 from sermtl.metrics import PREDICTION_COLUMNS, evaluate_predictions, uar, validate_predictions
 from sermtl.model import ModelConfig, SerModel, build_model, count_parameters
 from sermtl.schema import (
@@ -79,6 +79,7 @@ from sermtl.schema import (
     PREDICTIONS_FILE,
     RUN_METRICS_FILE,
     STORE_META_FILE,
+    TRAIN_RUN_OUTPUT,
 )
 
 CHECKPOINT_VERSION = 1
@@ -592,6 +593,7 @@ def train_fold(
 ) -> dict[str, Any]:
     """Train `system_name` on fold `fold_index`, write the run directory and return its metrics."""
     system = _check_request(params, system_name, fold_index)
+    check_output_dir(out_dir, TRAIN_RUN_OUTPUT, [("store", store_dir)])
     if system.kind == "egemaps":
         from sermtl import egemaps
 
@@ -616,6 +618,8 @@ def train_fold(
         if existing.get("fingerprint") == fingerprint:
             return existing
     out_dir.mkdir(parents=True, exist_ok=True)
+    if read_marker(out_dir) is None:
+        write_marker(out_dir, TRAIN_RUN_OUTPUT)  # written in place: the run folder is ours from here on
     if not resume:
         checkpoint_path.unlink(missing_ok=True)
     checkpoint = _load_checkpoint(checkpoint_path, fingerprint) if resume else None
@@ -628,6 +632,7 @@ def train_fold(
     # Remove outputs of an earlier run, so a half-replaced directory can never look finished.
     metrics_path.unlink(missing_ok=True)
 
+    store.verify_checksum()  # same-size corruption; one sequential read, cheap next to an epoch
     dimensions = list(params.eval.dimensions)
     specs = network_specs(system, dimensions)
     train_set = UtteranceSet(store, fold.train_ids, dimensions)

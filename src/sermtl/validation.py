@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sermtl.audio import audio_checksum
 from sermtl.corpus import UTTERANCE_ID_RE
-from sermtl.fsutil import atomic_directory, write_json
+from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir, write_json
 from sermtl.params import Params
 from sermtl.schema import (
     AUDIO_FILE,
@@ -64,6 +65,8 @@ STORE_DTYPE = "int16"
 _PARTIAL_UNEXPECTED = 20  # rows GX keeps per failed expectation (Data Docs show them)
 _TABLES_DIR = "_tables"  # derived tables as parquet, inside the staging dir while GX runs
 _REQUIRED_FILES = (MANIFEST_FILE, STORE_META_FILE, AUDIO_FILE, REPORT_FILE)
+# What a validation folder holds; one of an earlier sermtl (no marker) is known by its summary.json.
+VALIDATION_OUTPUT = OutputKind.of("validate", (SUMMARY_FILE, DATA_DOCS_DIR, _TABLES_DIR), (SUMMARY_FILE,))
 
 # Columns that identify a row of each validated table: they lead every example row.
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
@@ -74,6 +77,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "speakers": ("speaker",),
     "class_counts": ("fold", "dimension", "class_name"),
     "store": (),
+    "wavs": (),
 }
 
 
@@ -145,12 +149,20 @@ def validate(ingest_dir: Path, out_dir: Path, params: Params) -> ValidationSumma
     the reports; raises ValidationInputError only when the inputs cannot be read.
     """
     started = time.perf_counter()
+    check_output_dir(out_dir, VALIDATION_OUTPUT, [("ingest folder", ingest_dir)])
     ingest_dir, out_dir = Path(ingest_dir).absolute(), Path(out_dir).absolute()
     manifest, store_meta, audio_bytes = _read_inputs(ingest_dir)
-    tables = build_tables(manifest, store_meta, audio_bytes, params)
+    tables = build_tables(
+        manifest,
+        store_meta,
+        audio_bytes,
+        params,
+        audio_sha256=audio_checksum(ingest_dir / AUDIO_FILE),
+        report=_read_json_object(ingest_dir / REPORT_FILE),
+    )
     checks, skipped = build_checks(tables, params)
 
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, VALIDATION_OUTPUT) as staging:
         results = _run_checkpoint(tables, checks, staging)
         statistics = _statistics(manifest, store_meta, results, skipped)
         entries = [_entry(check, result, tables[check.table]) for check, result in results]
@@ -201,7 +213,7 @@ def _read_inputs(ingest_dir: Path) -> tuple[pd.DataFrame, dict[str, Any], int]:
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise ValidationInputError(f"{ingest_dir / MANIFEST_FILE}: cannot read parquet: {exc}") from exc
     store_meta = _read_json_object(ingest_dir / STORE_META_FILE)
-    _read_json_object(ingest_dir / REPORT_FILE)  # only its presence and form: ingestion owns its content
+    _read_json_object(ingest_dir / REPORT_FILE)  # its form here; build_tables reads its counts
     audio_bytes = (ingest_dir / AUDIO_FILE).stat().st_size
     return manifest.reset_index(drop=True), store_meta, audio_bytes
 
@@ -220,9 +232,19 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 
 
 def build_tables(
-    manifest: pd.DataFrame, store_meta: dict[str, Any], audio_bytes: int, params: Params
+    manifest: pd.DataFrame,
+    store_meta: dict[str, Any],
+    audio_bytes: int,
+    params: Params,
+    *,
+    audio_sha256: str | None = None,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """The manifest plus the derived tables the suite validates (all with a plain RangeIndex)."""
+    """The manifest plus the derived tables the suite validates (all with a plain RangeIndex).
+
+    `audio_sha256` is the checksum of audio.pcm16 as read now and `report` ingestion's report.json;
+    without them (unit tests of single tables) their expectations see an unverified store.
+    """
     tables = {
         "manifest": manifest,
         "manifest_columns": _columns_table(manifest),
@@ -230,7 +252,8 @@ def build_tables(
         "sessions": _sessions_table(manifest, params),
         "speakers": _speakers_table(manifest),
         "class_counts": _class_counts_table(manifest, params),
-        "store": _store_table(store_meta, audio_bytes),
+        "store": _store_table(store_meta, audio_bytes, audio_sha256),
+        "wavs": _wavs_table(report or {}),
     }
     return {name: df.reset_index(drop=True) for name, df in tables.items()}
 
@@ -394,19 +417,43 @@ def _class_counts_table(manifest: pd.DataFrame, params: Params) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["fold", "dimension", "class", "class_name", "count"])
 
 
-def _store_table(store_meta: dict[str, Any], audio_bytes: int) -> pd.DataFrame:
+def _store_table(store_meta: dict[str, Any], audio_bytes: int, audio_sha256: str | None) -> pd.DataFrame:
     itemsize = np.dtype(STORE_DTYPE).itemsize
+    recorded = store_meta.get("sha256")
     row = {
         "sample_rate": _number(store_meta.get("sample_rate")),
         "dtype": str(store_meta.get("dtype")),
         "total_samples": _number(store_meta.get("total_samples")),
         "audio_file_bytes": audio_bytes,
         "audio_file_samples": audio_bytes / itemsize,
+        "recorded_sha256": str(recorded),
+        "checksum": "missing" if not recorded else "match" if recorded == audio_sha256 else "mismatch",
     }
     # GX column expectations skip nulls, so an absent field must be its own failure.
     row["missing_fields"] = ",".join(
         k for k in ("sample_rate", "dtype", "total_samples") if k not in store_meta or row[k] != row[k]
     )
+    return pd.DataFrame([row])
+
+
+def _wavs_table(report: dict[str, Any]) -> pd.DataFrame:
+    """Wavs that no annotation names, as a share of the wavs ingestion found (report.json)."""
+    found, unannotated = report.get("wavs_found"), report.get("unannotated_wavs")
+    if not isinstance(found, int) or not isinstance(unannotated, list):
+        # An absent count must fail, not be skipped as a null: the report predates the count.
+        row = {
+            "wavs_found": -1,
+            "unannotated_wavs": -1,
+            "unannotated_share": 1.0,
+            "examples": "report.json has no wavs_found/unannotated_wavs: re-run `sermtl ingest --force`",
+        }
+    else:
+        row = {
+            "wavs_found": found,
+            "unannotated_wavs": len(unannotated),
+            "unannotated_share": len(unannotated) / found if found else 0.0,
+            "examples": ", ".join(map(str, unannotated[:5])),
+        }
     return pd.DataFrame([row])
 
 
@@ -729,6 +776,24 @@ def build_checks(tables: dict[str, pd.DataFrame], params: Params) -> tuple[list[
         f"store dtype is {STORE_DTYPE}",
         E.ExpectColumnValuesToBeInSet(column="dtype", value_set=[STORE_DTYPE]),
         "readers map audio.pcm16 as int16",
+    )
+    add(
+        "store",
+        "audio checksum matches store.json",
+        E.ExpectColumnValuesToBeInSet(column="checksum", value_set=["match"]),
+        "same-size corruption of audio.pcm16 changes its sha256; missing: written by an older sermtl "
+        "(re-create the store with `sermtl ingest --force`)",
+        ("recorded_sha256", "audio_file_bytes"),
+    )
+    add(
+        "wavs",
+        f"at most {v.max_unannotated_fraction:.0%} of wavs without annotation",
+        E.ExpectColumnValuesToBeBetween(
+            column="unannotated_share", min_value=0.0, max_value=v.max_unannotated_fraction
+        ),
+        "every IEMOCAP wav has an annotation; many without one mean annotation files went missing "
+        "(validation.max_unannotated_fraction; report.json lists them)",
+        ("wavs_found", "unannotated_wavs", "examples"),
     )
     add(
         "store",
