@@ -23,8 +23,11 @@ test: setup
 lint: setup
 	$(UV) run ruff check . && $(UV) run ruff format --check .
 
+# A corpus restored by `dvc pull` (or your own IEMOCAP copy) carries no synth marker: it is kept as it is.
 data: setup
-	$(UV) run sermtl synth --out data/IEMOCAP_full_release
+	@if [ -d data/IEMOCAP_full_release ] && [ ! -f data/IEMOCAP_full_release/.sermtl-output.json ]; then \
+	  echo "data/IEMOCAP_full_release exists and was not generated here (dvc pull or IEMOCAP): kept"; \
+	else $(UV) run sermtl synth --out data/IEMOCAP_full_release; fi
 
 repro: data
 	$(UV) run dvc repro

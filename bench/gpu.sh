@@ -67,6 +67,7 @@ raw = yaml.safe_load(open("params.yaml"))
 raw["profile"] = "paper"
 raw["train"]["max_epochs"] = int(sys.argv[2])
 raw["train"]["device"] = sys.argv[3]
+raw["train"]["seeds"] = [0]  # one network: the figure is time per epoch of one training run
 yaml.safe_dump(raw, open(sys.argv[1], "w"), sort_keys=False)
 EOF
 sermtl() { "$PYTHON" -m sermtl.cli "$@"; }

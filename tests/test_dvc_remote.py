@@ -20,6 +20,8 @@ import pytest
 import yaml
 from test_dvc import copy_working_tree
 
+from sermtl.fsutil import OUTPUT_MARKER
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "dvc"
@@ -65,10 +67,11 @@ def clone(origin: Path, path: Path, env: dict[str, str]) -> Path:
 
 
 def file_digests(folder: Path) -> dict[str, str]:
+    """What DVC tracks under `folder`: every file but the output markers, which .dvcignore leaves out."""
     return {
         str(path.relative_to(folder)): hashlib.md5(path.read_bytes()).hexdigest()
         for path in sorted(folder.rglob("*"))
-        if path.is_file()
+        if path.is_file() and path.name != OUTPUT_MARKER
     }
 
 

@@ -3,6 +3,7 @@ prediction contract and the speaker-independent folds of the neural systems."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -258,3 +259,32 @@ def test_worker_processes_give_the_same_features(tiny_store, tiny_features, tmp_
     pd.testing.assert_frame_equal(parallel, tiny_features)
     sidecar = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
     assert sidecar["workers"] == 2
+
+
+def test_classifier_is_class_balanced_iff_the_switch_is_on():
+    """train.class_balanced_loss is one switch for every system: here class_weight="balanced"."""
+    assert egemaps.make_pipeline(1.0, class_balanced=True).named_steps["classify"].class_weight == "balanced"
+    assert egemaps.make_pipeline(1.0, class_balanced=False).named_steps["classify"].class_weight is None
+    X = np.random.default_rng(0).normal(size=(40, 3))
+    y = np.array([0] * 30 + [1] * 6 + [2] * 4)  # imbalanced: weighting moves the fitted model
+    fitted = {
+        balanced: egemaps.make_pipeline(1.0, class_balanced=balanced).fit(X, y).predict_proba(X).mean(axis=0)
+        for balanced in (True, False)
+    }
+    assert fitted[True][0] < fitted[False][0]  # less mass on the majority class when balanced
+
+
+def test_train_fold_follows_the_switch_and_refits_when_it_changes(tiny_store, tiny_features, tmp_path):
+    from sermtl.training import train_fold
+
+    out = tmp_path / "egemaps_linear" / "fold0"
+    for balanced, expected in ((True, "balanced"), (False, None), (True, "balanced")):
+        params = dataclasses.replace(
+            PARAMS, train=dataclasses.replace(PARAMS.train, class_balanced_loss=balanced)
+        )
+        # the CLI's and the pipeline's entry point, resume=True: a finished run is not skipped
+        metrics = train_fold(tiny_store, "egemaps_linear", 0, out, params, progress=False)
+        model = joblib.load(out / MODEL_DIR / egemaps.MODEL_FILE)
+        weights = {d: p.named_steps["classify"].class_weight for d, p in model["pipelines"].items()}
+        assert weights == dict.fromkeys(PARAMS.eval.dimensions, expected)
+        assert metrics["class_weight"] == model["class_weight"] == (expected or "none")

@@ -414,7 +414,7 @@ def test_dirty_version_with_other_content_is_not_reused(
 ) -> None:
     submit(server.url, compiled, params={"corpus_uri": CORPUS}, existing_token=TOKEN)
     other_params = tmp_path / "params.yaml"
-    other_params.write_text(GOLDEN_PARAMS.read_text() + "train: {seed: 7}\n")
+    other_params.write_text(GOLDEN_PARAMS.read_text() + "train: {seeds: [7]}\n")
     other = compile_version(tmp_path, other_params, version=compiled.name)  # same name, other spec
     with pytest.raises(KfpError, match=r"already exists .* with a different spec"):
         submit(

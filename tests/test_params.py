@@ -42,7 +42,8 @@ def test_paper_profile_keeps_sections_as_written_and_demo_overrides_them():
     assert (paper.features.hop_ms, paper.features.max_frames, paper.model.conv_channels) == (10, 500, 40)
     assert (paper.model.rnn_hidden, paper.train.learning_rate, paper.train.batch_size) == (128, 1e-4, 16)
     assert demo.features.hop_ms != paper.features.hop_ms and demo.model.rnn_hidden < paper.model.rnn_hidden
-    assert demo.model.rnn == paper.model.rnn and demo.train.seed == paper.train.seed  # untouched keys survive
+    assert demo.model.rnn == paper.model.rnn and demo.train.optimizer == paper.train.optimizer  # untouched
+    assert paper.train.seeds == [0, 1, 2] and demo.train.seeds == [0]  # the demo trains one seed, to be fast
     assert demo.model.loss_weights == paper.model.loss_weights
 
 
@@ -80,6 +81,30 @@ def test_bad_params_name_the_key(text, message):
         params_from_yaml(text)
 
 
+@pytest.mark.parametrize("where", ["", "profiles:\n  demo:\n    "])
+def test_a_params_file_with_the_old_promotion_tolerance_is_told_to_rename_it(where):
+    text = where + "registry: {promotion: {rule: not_worse, tolerance: 0.0}}"
+    prefix = "profiles.demo." if where else ""
+    message = (
+        rf"^params.yaml: {prefix}registry.promotion.tolerance: no longer a key: replaced by "
+        r"registry.promotion.margin, with another meaning: .* rename the key to `margin` and review its "
+        r"value \(default 0.01, one UAR point\)$"
+    )
+    with pytest.raises(ParamsError, match=message):
+        params_from_yaml(text)
+
+
+@pytest.mark.parametrize("where", ["", "profiles:\n  demo:\n    "])
+def test_a_params_file_with_the_old_train_seed_is_told_to_list_seeds(where):
+    prefix = "profiles.demo." if where else ""
+    message = (
+        rf"^params.yaml: {prefix}train.seed: no longer a key: replaced by train.seeds, a list of seeds "
+        r"\(write `seeds: \[0\]` for one run as before\)$"
+    )
+    with pytest.raises(ParamsError, match=message):
+        params_from_yaml(where + "train: {seed: 0}")
+
+
 # --- ranges: one case per checked field (the key, a bad value, what the message says is allowed) --------
 
 RANGES = [
@@ -91,7 +116,6 @@ RANGES = [
     ("train.learning_rate", 0, "a number > 0"),
     ("train.learning_rate", float("nan"), "a number > 0"),
     ("train.learning_rate", float("inf"), "a number > 0"),
-    ("train.seed", -1, "an integer >= 0"),
     ("train.num_workers", -1, "an integer >= 0"),
     ("train.optimizer", "sgd", "one of adam, adamw"),
     ("data.sample_rate", 0, r"an integer in \[8000, 96000\]"),
@@ -139,7 +163,8 @@ RANGES = [
     ("registry.gate.min_dimensions_better", -1, "an integer >= 0"),
     ("registry.gate.max_comparisons_worse", -1, "an integer >= 0"),
     ("registry.promotion.rule", "always", "one of not_worse, better"),
-    ("registry.promotion.tolerance", -0.1, r"a number in \[0, 1\]"),
+    ("registry.promotion.margin", -0.1, r"a number in \[0, 1\]"),
+    ("registry.promotion.margin", 1.5, r"a number in \[0, 1\]"),
     ("registry.promotion.lock_timeout_s", -1, "a number >= 0"),
     ("serving.max_duration_s", 0, "a number > 0"),
     ("serving.max_total_duration_s", -1, "a number > 0"),
@@ -181,6 +206,10 @@ def test_nonsensical_values_name_the_key_and_the_allowed_range(path, value, allo
         ("data: {sessions: [0, 1]}", r"data.sessions\[0\]: must be an integer in \[1, 5\] \(got 0\)"),
         ("data: {sessions: [1, 6]}", r"data.sessions\[1\]: must be an integer in \[1, 5\] \(got 6\)"),
         ("validation: {categories: []}", r"validation.categories: must list at least 1 item"),
+        ("train: {seeds: []}", r"train.seeds: must list at least 1 item\(s\) \(got \[\]\)"),
+        ("train: {seeds: [0, 1, 0]}", r"train.seeds: must list each item once \(got \[0, 1, 0\]\)"),
+        ("train: {seeds: [0, -1]}", r"train.seeds\[1\]: must be an integer >= 0 \(got -1\)"),
+        ("train: {seeds: 3}", r"train.seeds: expected a list, got 3"),
         (
             "validation: {allowed_source_sample_rates: [16000, 0]}",
             r"validation.allowed_source_sample_rates\[1\]: must be an integer >= 1 \(got 0\)",

@@ -178,6 +178,7 @@ def _tiny_networks(train_dir: Path) -> None:
             50,
             list(PARAMS.eval.dimensions),
             {MTL_NETWORK: (config, state)},
+            seed=0,
         )
 
 
@@ -390,11 +391,16 @@ def test_promotion_lifecycle_refusal_of_a_worse_challenger_and_rollback_walk(
     assert tags[registry.TAG_PROMOTED_AT].endswith("Z") and tags[registry.TAG_PROMOTION_FORCED] == "false"
 
     worse = _register(studies, "worse", name)
-    with pytest.raises(registry.PromotionRefused, match="significantly worse than the champion") as refused:
+    not_shown = (
+        r"arousal: challenger - champion UAR -0\.\d+, 95% interval \[-0\.\d+, -0\.\d+\] by speaker: its"
+    )
+    with pytest.raises(registry.PromotionRefused, match=not_shown) as refused:
         registry.promote(name, params=params, actor="bob", reason="newer study")
     assert refused.value.kind == "rule" and not refused.value.conflict
     evidence = refused.value.result.evidence
-    assert evidence["worse"] == list(PARAMS.eval.dimensions)
+    assert evidence["worse"] == list(PARAMS.eval.dimensions) and evidence["non_inferior"] == []
+    assert (evidence["rule"], evidence["margin"], evidence["unit"]) == ("not_worse", 0.01, "speaker")
+    assert all(high < -0.01 for _, high in evidence["intervals"].values())
     assert evidence["utterances"] == {"challenger": 200, "champion": 200, "paired": 200}
     assert evidence["mean_uar"]["challenger"] < evidence["mean_uar"]["champion"]
     model = client.get_registered_model(name)
@@ -416,6 +422,13 @@ def test_promotion_lifecycle_refusal_of_a_worse_challenger_and_rollback_walk(
     evidence_uri = client.get_model_version(name, better).tags[registry.TAG_PROMOTION_EVIDENCE_ARTIFACT]
     logged = json.loads(Path(mlflow.artifacts.download_artifacts(evidence_uri)).read_text())
     assert logged["evidence"]["champion"] == first and logged["actor"] == "carol"
+    intervals = logged["evidence"]["intervals"]  # non-inferiority, registry.promotion.margin 0.01
+    assert logged["evidence"]["margin"] == 0.01 and all(low >= -0.01 for low, _ in intervals.values())
+    audit = registry.registry_state(name).audit[-1]["evidence"]
+    assert (audit["rule"], audit["margin"], audit["intervals"]) == ("not_worse", 0.01, intervals)
+    assert audit["reasons"][0].startswith(
+        "non-inferior on every dimension: lower bounds of the 95% intervals"
+    )
 
     best = _register(studies, "best", name)
     registry.promote(name, params=params, actor="carol", reason="best model")

@@ -51,3 +51,21 @@ def test_incomplete_study_names_missing_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished run for stl_mean/fold3"):
         collect_results(tmp_path / "train", tmp_path / "results", params)
     assert not (tmp_path / "results").exists()
+
+
+def test_folds_trained_with_other_seeds_are_refused(tmp_path):
+    params = Params()
+    write_study(tmp_path / "train", params, ACCURACY)
+    for fold in range(5):
+        run = tmp_path / "train" / "mtl_attention" / f"fold{fold}"
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["seeds"] = [0, 1] if fold else [0]
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        for seed in metrics["seeds"]:
+            (run / f"seed{seed}").mkdir()
+            shutil.copy(run / "predictions.parquet", run / f"seed{seed}" / "predictions.parquet")
+    with pytest.raises(
+        ValueError, match=r"mtl_attention/fold1: trained with seeds \[0, 1\], fold 0 with seeds \[0\]"
+    ):
+        collect_results(tmp_path / "train", tmp_path / "results", params)
+    assert not (tmp_path / "results").exists()

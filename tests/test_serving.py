@@ -43,7 +43,7 @@ TINY_PARAMS = {
     "profile": "paper",
     "features": {"frame_ms": 20, "hop_ms": 20, "max_frames": 10},
     "model": {"conv_channels": 4, "conv_kernel": 8, "conv_pool": 4, "rnn_hidden": 8, "rnn_layers": 1},
-    "train": {"learning_rate": 0.01, "batch_size": 16, "max_epochs": 1, "device": "cpu", "seed": 0},
+    "train": {"learning_rate": 0.01, "batch_size": 16, "max_epochs": 1, "device": "cpu", "seeds": [0]},
     "serving": {
         "max_duration_s": MAX_S,
         "max_total_duration_s": MAX_TOTAL_S,

@@ -48,7 +48,7 @@ TINY_PARAMS = {
         "max_epochs": 3,
         "early_stopping_patience": 3,
         "device": "cpu",
-        "seed": 0,
+        "seeds": [0],
     },
 }
 
@@ -80,8 +80,8 @@ def test_outputs_and_their_contract(store, mtl_run):
     manifest = pd.read_parquet(store / MANIFEST_FILE)
     for name in (PREDICTIONS_FILE, RUN_METRICS_FILE, HISTORY_FILE, ATTENTION_FILE):
         assert (out / name).is_file(), name
-    assert (out / MODEL_DIR / "config.json").is_file() and (out / MODEL_DIR / "mtl.pt").is_file()
-    assert not (out / CHECKPOINT_FILE).exists()
+    assert (out / MODEL_DIR / "config.json").is_file() and (out / MODEL_DIR / "seed0_mtl.pt").is_file()
+    assert not (out / CHECKPOINT_FILE).exists() and not (out / "seed0" / CHECKPOINT_FILE).exists()
 
     predictions = pd.read_parquet(out / PREDICTIONS_FILE)
     assert list(predictions.columns) == list(PREDICTION_COLUMNS)
@@ -172,10 +172,10 @@ def test_single_task_mean_system(store, tmp_path):
     out = tmp_path / "stl_mean"
     metrics = train_fold(store, "stl_mean", 0, out, tiny_params(max_epochs=2), progress=False)
     config = json.loads((out / MODEL_DIR / "config.json").read_text())
-    assert sorted(config["networks"]) == sorted(DIMS)
+    assert sorted(config["networks"]) == sorted(f"seed0_{dim}" for dim in DIMS)
     for dim in DIMS:
-        assert (out / MODEL_DIR / f"{dim}.pt").is_file()
-        assert config["networks"][dim]["config"]["tasks"] == [dim]
+        assert (out / MODEL_DIR / f"seed0_{dim}.pt").is_file()
+        assert config["networks"][f"seed0_{dim}"]["config"]["tasks"] == [dim]
     assert not (out / ATTENTION_FILE).exists()
     predictions = pd.read_parquet(out / PREDICTIONS_FILE)
     assert len(predictions) == 3 * metrics["utterances"]["test"]
@@ -244,7 +244,7 @@ def test_kill_and_resume_gives_identical_predictions(store, mtl_run, tmp_path):
         deadline = time.monotonic() + 120
         checkpoint = None
         while time.monotonic() < deadline:
-            path = out / CHECKPOINT_FILE
+            path = out / "seed0" / CHECKPOINT_FILE  # the checkpoint of the seed being trained
             if path.is_file():
                 checkpoint = torch.load(path, map_location="cpu", weights_only=False)
                 if checkpoint["epoch"] >= 1:
@@ -322,3 +322,236 @@ def test_egemaps_systems_are_dispatched(monkeypatch, tmp_path):
     store = tmp_path / "store"  # beside the run folder: an output may not lie inside an input
     assert train_fold(store, "egemaps_linear", 2, tmp_path / "out", params) == {"system": "egemaps_linear"}
     assert calls == [(store, "egemaps_linear", 2, tmp_path / "out", params)]
+
+
+# --- seeds: every neural (system, fold) trains once per seed of train.seeds -------------------------------
+
+SEEDS = [0, 1]
+
+
+def seeded_params(**train):
+    """Two sessions (two folds), the proposed system and the eGeMAPS baseline, two seeds, two epochs."""
+    raw = json.loads(json.dumps(TINY_PARAMS))
+    raw["data"] = {"sessions": [1, 2]}
+    raw["systems"] = {
+        "mtl_attention": {"kind": "neural", "multitask": True, "pooling": "attention"},
+        "egemaps_linear": {"kind": "egemaps"},
+    }
+    raw["train"].update({"max_epochs": 2, "early_stopping_patience": 2, "seeds": SEEDS, **train})
+    return params_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def seeded_study(store, tmp_path_factory) -> Path:
+    train_dir = tmp_path_factory.mktemp("seeded") / "train"
+    params = seeded_params()
+    for system in params.systems:
+        for fold in range(len(params.data.sessions)):
+            train_fold(store, system, fold, train_dir / system / f"fold{fold}", params, progress=False)
+    return train_dir
+
+
+PROBABILITIES = ["prob_low", "prob_medium", "prob_high"]
+
+
+def test_each_seed_is_a_sub_run_and_the_fold_predicts_with_their_mean(seeded_study):
+    for fold in (0, 1):
+        out = seeded_study / "mtl_attention" / f"fold{fold}"
+        metrics = json.loads((out / RUN_METRICS_FILE).read_text())
+        assert metrics["seeds"] == SEEDS and sorted(metrics["seed_runs"]) == ["0", "1"]
+        assert sorted(p.name for p in out.glob("seed*")) == ["seed0", "seed1"]
+        tables = []
+        for seed in SEEDS:
+            run = out / f"seed{seed}"
+            seed_metrics = json.loads((run / RUN_METRICS_FILE).read_text())
+            assert seed_metrics["seed"] == seed and seed_metrics["params"]["train"]["seed"] == seed
+            assert metrics["seed_runs"][str(seed)]["evaluation"] == seed_metrics["evaluation"]
+            for name in (PREDICTIONS_FILE, HISTORY_FILE, ATTENTION_FILE, f"{MODEL_DIR}/mtl.pt"):
+                assert (run / name).is_file(), name
+            assert not (run / CHECKPOINT_FILE).exists()
+            tables.append(pd.read_parquet(run / PREDICTIONS_FILE))
+        # Two initialisations, two networks: their probabilities differ.
+        assert not np.allclose(tables[0][PROBABILITIES], tables[1][PROBABILITIES])
+        combined = pd.read_parquet(out / PREDICTIONS_FILE)
+        pd.testing.assert_frame_equal(combined, validate_predictions(combined, "fold"))
+        for column in ("utterance_id", "dimension", "label", "improvised"):
+            assert combined[column].equals(tables[0][column])
+        mean = np.mean([t[PROBABILITIES].to_numpy() for t in tables], axis=0)
+        np.testing.assert_array_equal(combined[PROBABILITIES].to_numpy(), mean)
+        np.testing.assert_array_equal(combined["prediction"].to_numpy(), mean.argmax(axis=1))
+
+        config = json.loads((out / MODEL_DIR / "config.json").read_text())
+        assert config["seeds"] == SEEDS and sorted(config["networks"]) == ["seed0_mtl", "seed1_mtl"]
+        with np.load(out / ATTENTION_FILE) as fold_attention:
+            key = next(k for k in fold_attention.files if "__" in k)
+            per_seed = [np.load(out / f"seed{s}" / ATTENTION_FILE)[key] for s in SEEDS]
+            np.testing.assert_allclose(fold_attention[key], np.mean(per_seed, axis=0), rtol=1e-6)
+        history = json.loads((out / HISTORY_FILE).read_text())
+        assert [h["epoch"] for h in history] == [1, 2]
+        assert {"seed0_train_loss", "seed1_train_loss", "seed0_val_uar_arousal"} <= set(history[0])
+        assert set(metrics["best_epoch"]) == {"seed0", "seed1"}
+
+
+def test_egemaps_is_one_run_whatever_the_seeds(seeded_study):
+    out = seeded_study / "egemaps_linear" / "fold0"
+    assert not list(out.glob("seed*"))
+    assert "seeds" not in json.loads((out / RUN_METRICS_FILE).read_text())
+
+
+def test_results_report_the_spread_over_seeds(seeded_study, tmp_path):
+    from sermtl.metrics import evaluate_predictions
+    from sermtl.results import RESULTS_JSON, RESULTS_MARKDOWN, collect_results
+
+    params = seeded_params()
+    table = collect_results(seeded_study, tmp_path / "results", params)
+    for _, row in table[table["system"] == "mtl_attention"].iterrows():
+        own = [
+            evaluate_predictions(
+                pd.concat(
+                    pd.read_parquet(
+                        seeded_study / "mtl_attention" / f"fold{k}" / f"seed{s}" / PREDICTIONS_FILE
+                    )
+                    for k in (0, 1)
+                )
+            )[row["subset"]][row["dimension"]]["uar"]
+            for s in SEEDS
+        ]
+        assert row["seeds"] == 2 and row["seed_uars"] == pytest.approx(own)
+        assert row["seed_uar_mean"] == pytest.approx(np.mean(own))
+        assert row["seed_uar_std"] == pytest.approx(np.std(own, ddof=1))
+    baseline = table[table["system"] == "egemaps_linear"]
+    assert (baseline["seeds"] == 1).all() and (baseline["seed_uar_std"] == 0.0).all()
+    assert (baseline["seed_uar_mean"] == baseline["pooled_uar"]).all()
+    records = json.loads((tmp_path / "results" / RESULTS_JSON).read_text())
+    assert {"seeds", "seed_uars", "seed_uar_mean", "seed_uar_std"} <= set(records[0])
+    markdown = (tmp_path / "results" / RESULTS_MARKDOWN).read_text()
+    assert (
+        "Spread over training seeds (all utterances)" in markdown
+        and "| **mtl_attention** * | 2 |" in markdown
+    )
+
+
+def test_the_ensemble_holds_every_fold_and_seed_network(seeded_study, store):
+    from sermtl import serving
+    from sermtl.audio import AudioStore
+
+    params = seeded_params()
+    members, config = serving.ensemble_members(seeded_study, "mtl_attention", 2, params)
+    assert config["seeds"] == SEEDS and config["networks"] == 2 * len(SEEDS)
+    ensemble = serving.SerEnsemblePyfunc()
+    ensemble.configure([load_predictor(path) for path in members.values()], config)
+    assert sum(len(member.networks) for member in ensemble.predictors) == 2 * len(SEEDS)
+    waveform = AudioStore(store).waveform(pd.read_parquet(store / MANIFEST_FILE)["utterance_id"].iloc[0])
+    row = ensemble.predict(None, waveform).iloc[0]
+    networks = [
+        load_predictor(seeded_study / "mtl_attention" / f"fold{k}" / f"seed{s}" / MODEL_DIR).predict(waveform)
+        for k in (0, 1)
+        for s in SEEDS
+    ]
+    for dim in DIMS:
+        mean = np.mean([n[dim]["probabilities"] for n in networks], axis=0)
+        assert [row[f"{dim}_{c}"] for c in PROBABILITIES] == pytest.approx(list(mean), abs=1e-6)
+        assert row[f"{dim}_class"] == int(np.argmax(mean))
+
+
+def test_two_seeded_runs_of_a_fold_are_identical(store, seeded_study, tmp_path):
+    train_fold(store, "mtl_attention", 1, tmp_path / "again", seeded_params(), progress=False)
+    reference = seeded_study / "mtl_attention" / "fold1"
+    for run in ("", "seed0", "seed1"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(reference / run / PREDICTIONS_FILE),
+            pd.read_parquet(tmp_path / "again" / run / PREDICTIONS_FILE),
+        )
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs (the real kill is tested above, for one seed)."""
+
+
+def test_a_killed_seed_resumes_and_the_finished_seed_is_kept(store, seeded_study, monkeypatch, tmp_path):
+    import sermtl.training as training
+
+    out = tmp_path / "fold0"
+    save = training._atomic_torch_save
+
+    def dies_in_seed1(payload, path):
+        save(payload, path)
+        if path.parent.name == "seed1" and payload.get("epoch", 0) >= 1:
+            raise _Killed
+
+    monkeypatch.setattr(training, "_atomic_torch_save", dies_in_seed1)
+    with pytest.raises(_Killed):
+        train_fold(store, "mtl_attention", 0, out, seeded_params(), progress=False)
+    assert (out / "seed0" / RUN_METRICS_FILE).is_file() and (out / "seed1" / CHECKPOINT_FILE).is_file()
+    assert not (out / "seed1" / RUN_METRICS_FILE).exists() and not (out / RUN_METRICS_FILE).exists()
+    finished = (out / "seed0" / PREDICTIONS_FILE).stat().st_mtime_ns
+
+    monkeypatch.setattr(training, "_atomic_torch_save", save)
+    epochs = []
+    train_epoch = training._NetworkTrainer._train_epoch
+    monkeypatch.setattr(
+        training._NetworkTrainer,
+        "_train_epoch",
+        lambda self, bar: epochs.append(self.seed) or train_epoch(self, bar),
+    )
+    train_fold(store, "mtl_attention", 0, out, seeded_params(), progress=False)
+    assert epochs == [1]  # seed 0 kept, seed 1 continued from its checkpoint after epoch 1
+    assert (out / "seed0" / PREDICTIONS_FILE).stat().st_mtime_ns == finished
+    reference = seeded_study / "mtl_attention" / "fold0"
+    for run in ("", "seed0", "seed1"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(reference / run / PREDICTIONS_FILE), pd.read_parquet(out / run / PREDICTIONS_FILE)
+        )
+    assert not (out / "seed1" / CHECKPOINT_FILE).exists()
+
+
+def test_changing_the_seeds_trains_only_new_seeds_and_drops_old_ones(store, tmp_path):
+    out = tmp_path / "fold1"
+    one = train_fold(store, "mtl_attention", 1, out, seeded_params(seeds=[0]), progress=False)
+    assert one["seeds"] == [0] and sorted(p.name for p in out.glob("seed*")) == ["seed0"]
+    stamp = (out / "seed0" / PREDICTIONS_FILE).stat().st_mtime_ns
+    # The fold's fingerprint includes the seeds: [0, 1] is a new result, but seed 0's sub-run is kept.
+    two = train_fold(store, "mtl_attention", 1, out, seeded_params(seeds=[0, 1]), progress=False)
+    assert two["fingerprint"] != one["fingerprint"] and two["seeds"] == [0, 1]
+    assert (out / "seed0" / PREDICTIONS_FILE).stat().st_mtime_ns == stamp
+    # Seed 0 no longer wanted: its sub-run is removed, seed 1's kept, and the fold is seed 1 alone.
+    only = train_fold(store, "mtl_attention", 1, out, seeded_params(seeds=[1]), progress=False)
+    assert sorted(p.name for p in out.glob("seed*")) == ["seed1"] and only["seeds"] == [1]
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out / PREDICTIONS_FILE), pd.read_parquet(out / "seed1" / PREDICTIONS_FILE)
+    )
+    # Training it again skips it: the finished fold with the same fingerprint is returned.
+    assert train_fold(store, "mtl_attention", 1, out, seeded_params(seeds=[1]), progress=False) == only
+
+
+def test_a_fold_restored_without_markers_is_rebuilt_from_its_seed_runs(
+    store, seeded_study, monkeypatch, tmp_path
+):
+    """As DVC restores a stage output (.dvcignore leaves the output markers out): the seed sub-runs are
+    recognised as train's, reused, and the fold's outputs rebuilt from their files, identical."""
+    import shutil
+
+    import sermtl.training as training
+    from sermtl.fsutil import OUTPUT_MARKER
+
+    reference = seeded_study / "mtl_attention" / "fold0"
+    out = tmp_path / "fold0"
+    shutil.copytree(reference, out)
+    for marker in out.rglob(OUTPUT_MARKER):
+        marker.unlink()
+    assert train_fold(store, "mtl_attention", 0, out, seeded_params(), progress=False) == json.loads(
+        (reference / RUN_METRICS_FILE).read_text()
+    )
+    # A fold result that is stale (here: of other parameters) is rebuilt, its seeds' sub-runs reused.
+    (out / RUN_METRICS_FILE).write_text(json.dumps({"system": "mtl_attention", "fingerprint": "stale"}))
+    (out / PREDICTIONS_FILE).unlink()
+
+    def no_training(self, save):
+        raise AssertionError("a finished seed was retrained")
+
+    monkeypatch.setattr(training._NetworkTrainer, "run", no_training)
+    metrics = train_fold(store, "mtl_attention", 0, out, seeded_params(), progress=False)
+    assert metrics == json.loads((reference / RUN_METRICS_FILE).read_text())
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(reference / PREDICTIONS_FILE), pd.read_parquet(out / PREDICTIONS_FILE)
+    )

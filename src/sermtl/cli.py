@@ -185,7 +185,9 @@ def train(
 ) -> None:
     """Train one system on one fold: predictions, metrics, history, attention and the model.
 
-    A finished run with the same parameters is skipped; a killed one resumes from its checkpoint.
+    A neural system trains once per seed of train.seeds (sub-runs seed<s>/) and predicts with their mean
+    probabilities. A finished run with the same parameters is skipped; a killed one resumes from its
+    checkpoint, in the seed it was killed in.
     """
     params = _load(params_path)
     from sermtl.audio import CorruptStoreError
@@ -207,8 +209,10 @@ def train(
         _fail(str(exc))
     by_dimension = metrics["evaluation"]["all"]
     uars = " ".join(f"{d}={by_dimension[d]['uar']:.3f}" for d in params.eval.dimensions if d in by_dimension)
+    seeds = metrics.get("seeds") or []
+    ensemble = f" (mean of seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else ""
     typer.echo(
-        f"{system} fold {fold} (test session {metrics['test_session']}): test UAR {uars}; "
+        f"{system} fold {fold} (test session {metrics['test_session']}): test UAR{ensemble} {uars}; "
         f"{metrics.get('train_seconds', 0.0):.1f} s training on {metrics.get('device', '?')} -> {run_dir}"
     )
 

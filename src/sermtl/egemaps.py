@@ -11,9 +11,12 @@ by the store's content and the extractor's version; see `feature_cache_key`. Def
 `artifacts/features/egemaps/`), one `egemaps_<key>.parquet` per store content plus a `.json` sidecar.
 
 Classifier (per dimension): inf -> NaN, mean imputation (training-set means; openSMILE fills every
-feature of a too-short utterance with NaN), standardisation, multinomial logistic regression with
-class_weight="balanced" always (UAR is the metric, and the classes are imbalanced; this is the common
-practice for this baseline, independent of `train.class_balanced_loss` which concerns the neural loss).
+feature of a too-short utterance with NaN), standardisation, multinomial logistic regression, with
+class_weight="balanced" when `train.class_balanced_loss` (the one switch the neural loss reads too, so
+every system is weighted alike; sklearn's "balanced" is the same inverse class frequency as the neural
+loss, N / (classes * count)). A run is always refitted (no skip), and the feature cache does not depend on the
+switch (the features do not), so a changed switch takes effect on the next run; DVC's train stage and
+the KFP train step depend on the whole `train` section.
 C is chosen on the fold's validation speaker by UAR (ties: the smaller C); the chosen model is the one
 fitted on the training speakers only, exactly the data the neural systems train on (the validation
 speaker is used for model selection only, as for their early stopping), so the comparison is fair.
@@ -268,8 +271,10 @@ def _nonfinite_to_nan(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def make_pipeline(C: float, seed: int = 0) -> Any:
-    """inf->NaN, training-mean imputation, standardisation, balanced multinomial logistic regression."""
+def make_pipeline(C: float, seed: int = 0, class_balanced: bool = True) -> Any:
+    """inf->NaN, training-mean imputation, standardisation, multinomial logistic regression; its classes
+    are weighted by inverse frequency (class_weight="balanced") when `class_balanced`
+    (train.class_balanced_loss), else all weigh the same."""
     # Imported here: extraction workers import this module, and scikit-learn takes seconds to import.
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
@@ -284,7 +289,11 @@ def make_pipeline(C: float, seed: int = 0) -> Any:
             (
                 "classify",
                 LogisticRegression(
-                    C=C, class_weight="balanced", solver="lbfgs", max_iter=MAX_ITER, random_state=seed
+                    C=C,
+                    class_weight="balanced" if class_balanced else None,
+                    solver="lbfgs",
+                    max_iter=MAX_ITER,
+                    random_state=seed,
                 ),
             ),
         ]
@@ -299,11 +308,11 @@ def _probabilities(pipeline: Any, features: np.ndarray) -> np.ndarray:
     return full
 
 
-def _fit(C: float, X: np.ndarray, y: np.ndarray, seed: int) -> tuple[Any, int]:
+def _fit(C: float, X: np.ndarray, y: np.ndarray, seed: int, class_balanced: bool) -> tuple[Any, int]:
     """Fitted pipeline and the number of convergence warnings (0 or 1)."""
     from sklearn.exceptions import ConvergenceWarning
 
-    pipeline = make_pipeline(C, seed)
+    pipeline = make_pipeline(C, seed, class_balanced)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         pipeline.fit(X, y)
@@ -316,6 +325,7 @@ def _select_and_predict(
     split: dict[str, list[str]],
     dimensions: list[str],
     seed: int,
+    class_balanced: bool,
 ) -> tuple[Any, ...]:
     """Per dimension: fit every C on train, keep the best by validation UAR, predict test probabilities."""
     pipelines: dict[str, Any] = {}
@@ -331,7 +341,7 @@ def _select_and_predict(
         best: tuple[float, float, Any] | None = None
         grid_uar[dimension] = {}
         for C in C_GRID:
-            pipeline, warned = _fit(C, X["train"], y["train"], seed)
+            pipeline, warned = _fit(C, X["train"], y["train"], seed, class_balanced)
             convergence_warnings += warned
             score = uar(y["validation"], pipeline.predict(X["validation"]))
             grid_uar[dimension][repr(C)] = score
@@ -349,7 +359,9 @@ def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path
 
     `out_dir` receives predictions.parquet (metrics.PREDICTION_COLUMNS), metrics.json and
     model/egemaps_linear.joblib, all at once (atomic directory swap). Returns the metrics dict.
-    Deterministic: same store and params give identical predictions.
+    Deterministic: same store and params give identical predictions. `train.seeds` is not read: lbfgs
+    draws nothing at random (random_state is fixed at 0), so a fold is one run, and the results count it
+    as one seed.
     """
     system = params.systems.get(system_name)
     if system is None:
@@ -385,8 +397,9 @@ def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path
     # 88 features: one thread is fastest, and OpenMP/BLAS thread pools oversubscribed by concurrent
     # jobs (other folds, a neural run) made fitting 3-5x slower in measurements on 2 cores.
     with threadpool_limits(limits=1):
-        fitted = _select_and_predict(X, manifest, split, dimensions, params.train.seed)
+        fitted = _select_and_predict(X, manifest, split, dimensions, 0, params.train.class_balanced_loss)
     pipelines, chosen, validation_uar, grid_uar, convergence_warnings, test_proba, test_labels = fitted
+    class_weight = "balanced" if params.train.class_balanced_loss else "none"  # train.class_balanced_loss
     frames = []
     for dimension in dimensions:
         proba = test_proba[dimension]
@@ -419,7 +432,7 @@ def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path
         "validation_grid": grid_uar,
         "chosen_C": chosen,
         "C_grid": list(C_GRID),
-        "class_weight": "balanced",
+        "class_weight": class_weight,
         "refit": "train speakers only (validation speaker used for choosing C)",
         "train_seconds": round(train_seconds, 3),
         "feature_seconds": round(feature_seconds, 3),
@@ -441,6 +454,7 @@ def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path
         "feature_level": FEATURE_LEVEL,
         "opensmile": _opensmile_version(),
         "chosen_C": chosen,
+        "class_weight": class_weight,
         "sample_rate": int(store.sample_rate),
     }
     with atomic_directory(Path(out_dir), TRAIN_RUN_OUTPUT) as tmp:

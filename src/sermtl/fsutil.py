@@ -40,19 +40,33 @@ class OutputFolderError(ValueError):
 class OutputKind:
     """What one command writes into its output folder.
 
-    `files`: top-level names it may write. `signatures`: sets of names that identify an output of an earlier
-    sermtl, written before the marker existed (one set fully present is enough); empty: only a folder
-    carrying the command's marker is recognised (`sermtl synth`: a real corpus looks the same).
+    `files`: top-level names it may write; `patterns`: regular expressions of further names it may write
+    (e.g. `sermtl train`'s seed sub-runs seed<s>). `signatures`: sets of names that identify an output of an
+    earlier sermtl, written before the marker existed, or restored without it (one set fully present is
+    enough); empty: only a folder carrying the command's marker is recognised (`sermtl synth`: a real
+    corpus looks the same).
     """
 
     command: str
     files: frozenset[str] = frozenset()
     signatures: tuple[frozenset[str], ...] = ()
     hint: str = ""  # added to the refusal of an unmarked folder
+    patterns: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, command: str, files: Iterable[str], *signatures: Iterable[str], hint: str = "") -> OutputKind:
-        return cls(command, frozenset(files), tuple(frozenset(s) for s in signatures), hint)
+    def of(
+        cls,
+        command: str,
+        files: Iterable[str],
+        *signatures: Iterable[str],
+        hint: str = "",
+        patterns: Iterable[str] = (),
+    ) -> OutputKind:
+        return cls(command, frozenset(files), tuple(frozenset(s) for s in signatures), hint, tuple(patterns))
+
+    def writes(self, name: str) -> bool:
+        """Whether `name` is one of the top-level names this command may write."""
+        return name in self.files or any(re.fullmatch(pattern, name) for pattern in self.patterns)
 
 
 def _version() -> str:
@@ -164,7 +178,9 @@ def check_output_dir(
                 shown, f"holds the output of `sermtl {marker.get('command')}`, not of {command}; {refusal}"
             )
         listed = marker.get("files") if isinstance(marker.get("files"), list) else []
-        foreign = entries - {OUTPUT_MARKER} - kind.files - {str(name) for name in listed}
+        foreign = {
+            name for name in entries - {OUTPUT_MARKER} - {str(n) for n in listed} if not kind.writes(name)
+        }
         if foreign:
             raise OutputFolderError(
                 shown,
@@ -172,7 +188,7 @@ def check_output_dir(
                 f"which {command} did not write; " + refusal.replace("move it", "move them"),
             )
         return
-    if any(signature <= entries for signature in kind.signatures) and entries <= kind.files:
+    if any(signature <= entries for signature in kind.signatures) and all(kind.writes(n) for n in entries):
         return  # written by a sermtl from before the marker
     what = "an output of" if kind.signatures else f"marked ({OUTPUT_MARKER}) as an output of"
     hint = f" ({kind.hint})" if kind.hint else ""

@@ -210,8 +210,14 @@ class TrainParams:
     max_epochs: int = checked(30, at_least=1)
     # Epochs without a better validation score before stopping; 0 would stop before the first epoch.
     early_stopping_patience: int = checked(5, at_least=1)
-    class_balanced_loss: bool = False
-    seed: int = checked(0, at_least=0)
+    # Every system alike: inverse-frequency class weights in the neural cross-entropy (sermtl.training)
+    # and class_weight="balanced" in the eGeMAPS logistic regressions (sermtl.egemaps). UAR is the metric.
+    class_balanced_loss: bool = True
+    # One training run per seed, fold and network; a (system, fold) predicts with the mean of its seeds'
+    # class probabilities (sermtl.training). The eGeMAPS baseline is deterministic: one run, seeds ignored.
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2], metadata=rule(at_least=0, min_items=1, distinct=True)
+    )
     device: str = checked("auto", one_of=("auto", "cpu", "cuda"))
     bf16: bool = True
     compile: bool = False
@@ -268,11 +274,14 @@ class GateParams:
 
 @dataclass(frozen=True)
 class PromotionParams:
-    # not_worse: the challenger is promoted if it is significantly worse than the champion on no dimension
-    # and its mean UAR over dimensions is at least the champion's minus `tolerance`.
-    # better: it must also be significantly better on at least one dimension.
+    # not_worse (non-inferiority): the challenger is promoted only if, on every dimension, the lower bound
+    # of the significance.confidence interval of (challenger - champion) UAR is at least -`margin`: it has
+    # to show that it is at most `margin` worse; "no significant difference" is not enough.
+    # better: it must also be significantly better on at least one dimension (the resampling test at
+    # significance.unit, corrected over the dimensions). See sermtl.registry.promotion_decision.
     rule: str = checked("not_worse", one_of=("not_worse", "better"))
-    tolerance: float = checked(0.0, **_FRACTION)  # of a UAR, itself in [0, 1]
+    # UAR points as a fraction (0.01 = one point): the largest loss against the champion still "not worse"
+    margin: float = checked(0.01, **_FRACTION)
     # how long a promotion waits for a concurrent one to finish (0: it gives up at once)
     lock_timeout_s: float = checked(60.0, at_least=0.0)
 
@@ -541,10 +550,26 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+# Keys that an older params.yaml may still hold: key path -> what to write instead (also under profiles.*).
+REPLACED_KEYS = {
+    "train.seed": "replaced by train.seeds, a list of seeds (write `seeds: [0]` for one run as before)",
+    "registry.promotion.tolerance": (
+        "replaced by registry.promotion.margin, with another meaning: `tolerance` was a shortfall of the "
+        "mean UAR, `margin` is how far below 0 the lower bound of the confidence interval of (challenger - "
+        "champion) UAR may reach on every dimension; rename the key to `margin` and review its value "
+        "(default 0.01, one UAR point)"
+    ),
+}
+
+
 def _known(raw: dict[str, Any], path: str, names: tuple[str, ...], noun: str) -> None:
     for key in raw:
         if key not in names:
-            raise _Invalid(_join(path, key), f"unknown {noun} (expected one of: {', '.join(names)})")
+            where = _join(path, key)
+            for old, instead in REPLACED_KEYS.items():
+                if where == old or where.endswith(f".{old}"):
+                    raise _Invalid(where, f"no longer a key: {instead}")
+            raise _Invalid(where, f"unknown {noun} (expected one of: {', '.join(names)})")
 
 
 def _field_default(cls: type, name: str) -> Any:

@@ -10,10 +10,13 @@ Lifecycle of a version of `registry.model_name`:
    the study run (tags `sermtl.gate.*` and the artifact registry/gate.json).
 2. `promote` moves `champion` to a version (default: the `challenger`) after comparing it with the
    current champion on the same evaluation data with the same tests: both versions' out-of-fold
-   predictions are paired on common utterances and run through sermtl.significance with the gate's test;
-   `registry.promotion.rule` decides (not_worse | better). A version whose gate failed, or that the rule
-   refuses, or that cannot be compared, is promoted only with `force=True`. Every promotion and rollback
-   needs a non-empty reason: the audit trail says who changed the champion, when, and why.
+   predictions are paired on common utterances and run through sermtl.significance (the resampling test
+   and its interval, at significance.unit); `registry.promotion.rule` decides (`promotion_decision`):
+   not_worse is non-inferiority (on every dimension the interval of challenger - champion UAR lies at or
+   above -`registry.promotion.margin`), better also needs a significant gain on one dimension. A version
+   whose gate failed, or that the rule refuses, or that cannot be compared, is promoted only with
+   `force=True`. Every promotion and rollback needs a non-empty reason: the audit trail says who changed
+   the champion, when, and why.
 3. `rollback` moves `champion` back along the recorded history of champions.
 
 Why a child run "registration" rather than the study run itself: the registered version's source run
@@ -838,37 +841,136 @@ def _version_predictions(mlflow_client: MlflowClient, version: Any, folder: Path
     return validate_predictions(pd.read_parquet(local), where)
 
 
-def compare_versions(
-    mlflow_client: MlflowClient,
-    challenger: Any,
-    champion: Any,
+# The test whose corrected p-values make "significantly better" (rule `better`) and the informative
+# "significantly worse": the paired resampling test at significance.unit, whose interval `not_worse` reads.
+PROMOTION_TEST = "resampling"
+_MARGIN_SLACK = 1e-12  # floating-point slack when comparing a lower bound with -margin
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """`registry.promotion.rule` applied to one challenger-vs-champion significance report."""
+
+    passed: bool
+    rule: str  # not_worse | better
+    margin: float  # registry.promotion.margin, in UAR units
+    reasons: list[str]  # why it passed or was refused, naming dimensions and intervals
+    non_inferior: list[str]  # dimensions whose interval's lower bound is at least -margin
+    better: list[str]  # dimensions where the challenger is significantly better (PROMOTION_TEST)
+    worse: list[str]  # where it is significantly worse (within the margin this does not refuse)
+    intervals: dict[str, list[float]]  # dimension -> [low, high] of (challenger - champion) UAR
+    confidence: float  # of the intervals (significance.confidence)
+    unit: str  # what the test and the intervals resampled (significance.unit)
+    test: str = PROMOTION_TEST
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def promotion_decision(
+    report: Any, promotion: PromotionParams, champion: str = "champion"
+) -> PromotionDecision:
+    """Whether the report's proposed system (the challenger) may replace `champion` (its baseline).
+
+    - `not_worse` (non-inferiority): on EVERY dimension of the report the lower bound of the interval of
+      (challenger - champion) UAR, `Comparison.ci_low` (at significance.confidence, resampling
+      significance.unit: at the default unit speaker the inversion of the sign-flip test), is at least
+      -`promotion.margin`. Each dimension is a one-sided test at level (1 - confidence) / 2 of "the
+      challenger is more than `margin` worse"; requiring every one of them (an intersection-union test)
+      keeps that level without a correction for the dimensions. "No significant difference" is not
+      "not worse": a wide interval (few speakers, noisy systems) refuses, whatever the point estimate.
+    - `better`: the same, and significantly better on at least one dimension by the resampling test's
+      corrected p-values (significance.correction over the dimensions, at significance.alpha).
+
+    A significant loss smaller than the margin does not refuse (the margin says it is acceptable); it is
+    listed in `worse` and in the reasons. `report` is a SignificanceReport or its `to_dict()`.
+    """
+    from sermtl.significance import decisive
+
+    report = _as_report(report)
+    verdicts = decisive(report, PROMOTION_TEST)
+    comparisons = [c for c in report.comparisons if c.baseline == champion]
+    confidence = float(report.params.get("confidence", float("nan")))
+    unit = comparisons[0].unit if comparisons else str(report.params.get("unit", ""))
+    margin = float(promotion.margin)
+    level = f"{confidence:.0%} interval" if math.isfinite(confidence) else "interval"
+    intervals = {c.dimension: [c.ci_low, c.ci_high] for c in comparisons}
+    non_inferior = [c.dimension for c in comparisons if c.ci_low >= -margin - _MARGIN_SLACK]
+    better = [c.dimension for c in comparisons if verdicts[(champion, c.dimension)].better]
+    worse = [c.dimension for c in comparisons if verdicts[(champion, c.dimension)].worse]
+    reasons: list[str] = []
+    if not comparisons:
+        reasons.append(f"the significance report holds no comparison with {champion!r}")
+    for c in comparisons:
+        if c.dimension not in non_inferior:
+            significant = ", significantly worse" if c.dimension in worse else ""
+            reasons.append(
+                f"{c.dimension}: challenger - champion UAR {c.difference:+.4f}, {level} "
+                f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}] by {unit}: its lower bound is below -margin = "
+                f"{-margin:+.4f}{significant}; not shown to be at most {margin:g} worse"
+            )
+    passed = bool(comparisons) and len(non_inferior) == len(comparisons)
+    if passed:
+        bounds = ", ".join(f"{c.dimension} {c.ci_low:+.4f}" for c in comparisons)
+        reasons.append(
+            f"non-inferior on every dimension: lower bounds of the {level}s of challenger - champion UAR "
+            f"by {unit} ({bounds}) are all at least -margin = {-margin:+.4f}"
+        )
+        within = [d for d in worse if d in non_inferior]
+        if within:
+            reasons.append(f"significantly worse on {', '.join(within)}, by less than the margin")
+    if promotion.rule == "better":
+        tested = (
+            f"{PROMOTION_TEST} test by {unit}, {report.params.get('correction')}-corrected p at alpha "
+            f"{report.params.get('alpha')}"
+        )
+        if better:
+            reasons.append(f"significantly better than the champion on {', '.join(better)} ({tested})")
+        else:
+            passed = False
+            reasons.append(
+                f"rule `better`: not significantly better than the champion on any dimension ({tested})"
+            )
+    return PromotionDecision(
+        passed=passed,
+        rule=promotion.rule,
+        margin=margin,
+        reasons=reasons,
+        non_inferior=non_inferior,
+        better=better,
+        worse=worse,
+        intervals=intervals,
+        confidence=confidence,
+        unit=unit,
+    )
+
+
+def compare_predictions(
+    challenger: pd.DataFrame,
+    champion: pd.DataFrame,
     params: Params,
     *,
     min_paired: int = MIN_PAIRED_UTTERANCES,
+    names: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Challenger vs champion on their common utterances with the study's paired tests.
+    """Challenger vs champion on their common utterances with the study's paired tests (no server).
 
-    Both versions' out-of-fold predictions are paired per dimension on utterance ids present in both
-    (labels must agree: otherwise it is not the same evaluation data), then sermtl.significance runs
-    with the challenger as proposed system and the champion as the only baseline (same settings:
-    resampling, resamples, alpha, correction over the dimensions, subset), and `registry.gate.test`
-    decides better/worse. Returns the evidence (JSON-able) including `rule_passed`; raises
-    PromotionRefused(kind="evidence") if the two cannot be compared.
+    `challenger` and `champion` are out-of-fold prediction tables (sermtl.metrics.PREDICTION_COLUMNS; their
+    `system` column is replaced). They are paired per dimension on utterance ids present in both (labels
+    must agree: otherwise it is not the same evaluation data), then sermtl.significance runs with the
+    challenger as proposed system and the champion as the only baseline (same settings: resampling, unit,
+    resamples, confidence, alpha, correction over the dimensions, subset), and `promotion_decision`
+    applies `registry.promotion.rule`. Returns the evidence (JSON-able) including `rule_passed` and
+    `reasons`; raises PromotionRefused(kind="evidence") if the two cannot be compared. `names` label the
+    two in messages (e.g. {"challenger": "v3", "champion": "v2"}).
     """
-    from sermtl.significance import decisive, significance_tests
+    from sermtl.significance import significance_tests
 
-    label = {"challenger": f"v{challenger.version}", "champion": f"v{champion.version}"}
-    with tempfile.TemporaryDirectory(prefix="sermtl-promotion-") as tmp:
-        frames = {}
-        for role, version in (("challenger", challenger), ("champion", champion)):
-            frame = _version_predictions(mlflow_client, version, Path(tmp) / role)
-            if frame is None:
-                raise PromotionRefused(
-                    f"{role} {label[role]} has no out-of-fold predictions (tag {TAG_OOF} / artifact "
-                    f"{ARTIFACT_OOF} of its run): the two versions cannot be compared",
-                    "evidence",
-                )
-            frames[role] = frame.assign(system=role)
+    label = {"challenger": "challenger", "champion": "champion", **(names or {})}
+    frames = {
+        "challenger": challenger.assign(system="challenger"),
+        "champion": champion.assign(system="champion"),
+    }
     promotion = params.registry.promotion
     dimensions = [
         d
@@ -917,52 +1019,74 @@ def compare_versions(
         report = significance_tests(pairs, test_params)
     except ValueError as exc:  # e.g. duplicate predictions of an utterance in one version's artifact
         raise PromotionRefused(f"the two versions cannot be tested together: {exc}", "evidence") from exc
-    verdicts = decisive(report, params.registry.gate.test)
-    better = [d for d in dimensions if verdicts[("champion", d)].better]
-    worse = [d for d in dimensions if verdicts[("champion", d)].worse]
+    decision = promotion_decision(report, promotion)
     by_dimension = {
         c.dimension: {
             "uar_challenger": c.uar_proposed,
             "uar_champion": c.uar_baseline,
             "difference": c.difference,
             "ci": [c.ci_low, c.ci_high],
-            "p_adjusted": c.p_adjusted[params.registry.gate.test],
-            "better": verdicts[("champion", c.dimension)].better,
-            "worse": verdicts[("champion", c.dimension)].worse,
+            "non_inferior": c.dimension in decision.non_inferior,
+            "p_adjusted": c.p_adjusted[decision.test],
+            "better": c.dimension in decision.better,
+            "worse": c.dimension in decision.worse,
             "n": c.n,
+            "clusters": c.clusters,
         }
         for c in report.comparisons
     }
     mean_challenger = sum(v["uar_challenger"] for v in by_dimension.values()) / len(by_dimension)
     mean_champion = sum(v["uar_champion"] for v in by_dimension.values()) / len(by_dimension)
-    reasons = []
-    if worse:
-        reasons.append(f"significantly worse than the champion on {', '.join(worse)}")
-    if mean_challenger < mean_champion - promotion.tolerance - 1e-12:
-        reasons.append(
-            f"mean UAR {mean_challenger:.4f} is below the champion's {mean_champion:.4f} "
-            f"minus tolerance {promotion.tolerance:g}"
-        )
-    if promotion.rule == "better" and not better:
-        reasons.append("rule `better`: not significantly better than the champion on any dimension")
     return {
-        "challenger": challenger.version,
-        "champion": champion.version,
-        "rule": promotion.rule,
-        "tolerance": promotion.tolerance,
-        "test": params.registry.gate.test,
+        "rule": decision.rule,
+        "margin": decision.margin,
+        "test": decision.test,
+        "unit": decision.unit,
+        "confidence": decision.confidence,
         "alpha": report.params.get("alpha"),
         "correction": report.params.get("correction"),
         "resampling": report.params.get("resampling"),
         "subset": report.subset,
         "utterances": {**counts, "paired": paired},
         "dimensions": by_dimension,
-        "better": better,
-        "worse": worse,
+        "intervals": decision.intervals,
+        "non_inferior": decision.non_inferior,
+        "better": decision.better,
+        "worse": decision.worse,
         "mean_uar": {"challenger": mean_challenger, "champion": mean_champion},
-        "rule_passed": not reasons,
-        "reasons": reasons or [f"rule `{promotion.rule}` satisfied"],
+        "rule_passed": decision.passed,
+        "reasons": decision.reasons,
     }
+
+
+def compare_versions(
+    mlflow_client: MlflowClient,
+    challenger: Any,
+    champion: Any,
+    params: Params,
+    *,
+    min_paired: int = MIN_PAIRED_UTTERANCES,
+) -> dict[str, Any]:
+    """Challenger vs champion version: their registered out-of-fold predictions through
+    `compare_predictions`. Returns the evidence with both version numbers; raises
+    PromotionRefused(kind="evidence") if a version has no predictions or the two cannot be compared.
+    """
+    label = {"challenger": f"v{challenger.version}", "champion": f"v{champion.version}"}
+    with tempfile.TemporaryDirectory(prefix="sermtl-promotion-") as tmp:
+        frames = {}
+        for role, version in (("challenger", challenger), ("champion", champion)):
+            frame = _version_predictions(mlflow_client, version, Path(tmp) / role)
+            if frame is None:
+                raise PromotionRefused(
+                    f"{role} {label[role]} has no out-of-fold predictions (tag {TAG_OOF} / artifact "
+                    f"{ARTIFACT_OOF} of its run): the two versions cannot be compared",
+                    "evidence",
+                )
+            frames[role] = frame
+    evidence = compare_predictions(
+        frames["challenger"], frames["champion"], params, min_paired=min_paired, names=label
+    )
+    return {"challenger": challenger.version, "champion": champion.version, **evidence}
 
 
 # --- promotion and rollback --------------------------------------------------------------------------------
@@ -1099,8 +1223,9 @@ def promote(
         )
 
     evidence: dict[str, Any]
+    rule = {"rule": params.registry.promotion.rule, "margin": params.registry.promotion.margin}
     if champion_before is None:
-        evidence = {"champion": None, "rule_passed": True, "reasons": ["no champion yet"]}
+        evidence = {"champion": None, **rule, "rule_passed": True, "reasons": ["no champion yet"]}
     else:
         try:
             evidence = compare_versions(
@@ -1113,7 +1238,7 @@ def promote(
         except PromotionRefused as exc:
             if not force:
                 raise _refusal(mlflow_client, name, version, actor, str(exc), exc.kind) from None
-            evidence = {"champion": champion_before, "rule_passed": False, "reasons": [str(exc)]}
+            evidence = {"champion": champion_before, **rule, "rule_passed": False, "reasons": [str(exc)]}
         if not evidence["rule_passed"] and not force:
             raise _refusal(
                 mlflow_client,
@@ -1238,7 +1363,22 @@ def promote(
 
 def _evidence_summary(evidence: Mapping[str, Any]) -> dict[str, Any]:
     """The audit entry's short form of the evidence (the full one is a version tag and an artifact)."""
-    keys = ("champion", "rule", "test", "better", "worse", "mean_uar", "rule_passed", "reasons", "forced")
+    keys = (
+        "champion",
+        "rule",
+        "margin",
+        "test",
+        "unit",
+        "confidence",
+        "intervals",
+        "non_inferior",
+        "better",
+        "worse",
+        "mean_uar",
+        "rule_passed",
+        "reasons",
+        "forced",
+    )
     return {k: evidence[k] for k in keys if k in evidence}
 
 

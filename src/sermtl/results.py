@@ -3,6 +3,12 @@
 Reads the run directories that `sermtl train` writes (artifacts/train/<system>/fold<k>/), checks that
 the study is complete, and writes the pooled predictions (input of the significance tests), a JSON
 table, Markdown for the terminal and KFP, and an HTML page with a chart.
+
+A fold of a neural system predicts with the mean of its seeds' class probabilities (train.seeds; see
+sermtl.training), and that is what is pooled, scored and tested. Each system's spread over seeds is
+reported beside it: per dimension, the pooled UAR of each seed's own predictions (fold<k>/seed<s>/,
+pooled over the folds), their mean and sd over seeds (`seeds`, `seed_uars`, `seed_uar_mean`,
+`seed_uar_std`). A system without seed sub-runs (the deterministic eGeMAPS baseline) counts as one seed.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import pandas as pd
 from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir
 from sermtl.metrics import evaluate_predictions, validate_predictions
 from sermtl.params import Params
-from sermtl.schema import PREDICTIONS_FILE, RUN_METRICS_FILE
+from sermtl.schema import PREDICTIONS_FILE, RUN_METRICS_FILE, SEED_RUN_PREFIX
+
+SEED_RUNS_KEY = "seeds"  # of a fold's metrics.json: the seeds whose sub-runs fold<k>/seed<s>/ it averages
 
 CHANCE_UAR = 1 / 3
 RESULTS_JSON = "results.json"
@@ -62,13 +70,54 @@ def load_runs(train_dir: Path, params: Params) -> tuple[pd.DataFrame, list[dict[
     return pd.concat(frames, ignore_index=True), fold_metrics
 
 
+def load_seed_runs(train_dir: Path, fold_metrics: list[dict[str, Any]]) -> dict[str, dict[int, pd.DataFrame]]:
+    """{system: {seed: that seed's predictions pooled over the folds}} of the systems whose folds list
+    seed sub-runs (metrics.json `seeds`); every fold of such a system must list the same seeds."""
+    by_system: dict[str, dict[int, list[int] | None]] = {}
+    for metrics in fold_metrics:
+        listed = metrics.get(SEED_RUNS_KEY)
+        seeds_of = by_system.setdefault(metrics["system"], {})
+        seeds_of[int(metrics["fold"])] = None if listed is None else [int(seed) for seed in listed]
+    runs: dict[str, dict[int, pd.DataFrame]] = {}
+    for system, seeds_of_fold in by_system.items():
+        folds = sorted(seeds_of_fold)
+        seeds = seeds_of_fold[folds[0]]
+        if seeds is None and all(seeds_of_fold[fold] is None for fold in folds):
+            continue  # no seed sub-runs (eGeMAPS): one run per fold
+        for fold in folds:
+            if seeds_of_fold[fold] != seeds:
+                named = {k: "no seeds (an earlier sermtl's run)" for k in folds if seeds_of_fold[k] is None}
+                raise ValueError(
+                    f"{run_dir(train_dir, system, fold)}: trained with "
+                    f"{named.get(fold, f'seeds {seeds_of_fold[fold]}')}, fold {folds[0]} with "
+                    f"{named.get(folds[0], f'seeds {seeds}')}; retrain the study with one train.seeds"
+                )
+        runs[system] = {}
+        for seed in seeds:
+            frames = []
+            for fold in folds:
+                path = run_dir(train_dir, system, fold) / f"{SEED_RUN_PREFIX}{seed}" / PREDICTIONS_FILE
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"{path}: missing; the fold lists seed {seed} but has no such run"
+                    )
+                frames.append(validate_predictions(pd.read_parquet(path), str(path)))
+            runs[system][seed] = pd.concat(frames, ignore_index=True)
+    return runs
+
+
 def results_table(
-    predictions: pd.DataFrame, fold_metrics: list[dict[str, Any]], params: Params
+    predictions: pd.DataFrame,
+    fold_metrics: list[dict[str, Any]],
+    params: Params,
+    seed_runs: dict[str, dict[int, pd.DataFrame]] | None = None,
 ) -> pd.DataFrame:
-    """One row per (system, subset, dimension): pooled metrics and the spread of UAR over folds."""
+    """One row per (system, subset, dimension): pooled metrics, the spread of UAR over folds, and over
+    seeds (`seed_runs`, see load_seed_runs; a system left out of it counts as one seed)."""
     rows = []
     for system, frame in predictions.groupby("system", sort=False):
         pooled = evaluate_predictions(frame)
+        per_seed = [evaluate_predictions(table) for table in (seed_runs or {}).get(system, {}).values()]
         for subset, by_dimension in pooled.items():
             for dimension in params.eval.dimensions:
                 fold_uars = [
@@ -77,6 +126,7 @@ def results_table(
                     if m["system"] == system and dimension in m["evaluation"].get(subset, {})
                 ]
                 values = by_dimension[dimension]
+                seed_uars = [float(e[subset][dimension]["uar"]) for e in per_seed] or [float(values["uar"])]
                 rows.append(
                     {
                         "system": system,
@@ -89,6 +139,10 @@ def results_table(
                         "fold_uar_mean": float(np.nanmean(fold_uars)),
                         "fold_uar_std": float(np.nanstd(fold_uars, ddof=1)) if len(fold_uars) > 1 else 0.0,
                         "folds": len(fold_uars),
+                        "seed_uar_mean": float(np.mean(seed_uars)),
+                        "seed_uar_std": float(np.std(seed_uars, ddof=1)) if len(seed_uars) > 1 else 0.0,
+                        "seeds": len(seed_uars),
+                        "seed_uars": seed_uars,
                         "n": values["n"],
                         "confusion": values["confusion"],
                     }
@@ -113,6 +167,23 @@ def to_markdown(table: pd.DataFrame, subset: str = "all") -> str:
             cells.append(f"{row['pooled_uar']:.3f} ({row['fold_uar_mean']:.3f} ± {row['fold_uar_std']:.3f})")
         name = f"**{system}** *" if rows["proposed"].iloc[0] else system
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "seeds" in frame and (frame["seeds"] > 1).any():
+        lines += [
+            "",
+            f"Spread over training seeds ({subset} utterances): the pooled UAR of each seed's own "
+            "predictions, mean ± sd over the seeds (the table above scores the seed-averaged probabilities)",
+            "",
+            "| system | seeds | " + " | ".join(dimensions) + " |",
+            "|---|---|" + "---|" * len(dimensions),
+        ]
+        for system, rows in frame.groupby("system", sort=False):
+            cells = []
+            for dimension in dimensions:
+                row = rows[rows["dimension"] == dimension].iloc[0]
+                spread = f" ± {row['seed_uar_std']:.3f}" if row["seeds"] > 1 else ""
+                cells.append(f"{row['seed_uar_mean']:.3f}{spread}")
+            name = f"**{system}** *" if rows["proposed"].iloc[0] else system
+            lines.append(f"| {name} | {int(rows['seeds'].iloc[0])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +220,9 @@ def to_html(table: pd.DataFrame) -> str:
     chart = base64.b64encode(_chart_png(table)).decode()
     sections = []
     for subset in dict.fromkeys(table["subset"]):
-        frame = table[table["subset"] == subset].drop(columns=["confusion", "subset"])
+        frame = table[table["subset"] == subset].drop(
+            columns=["confusion", "subset", "seed_uars"], errors="ignore"
+        )
         sections.append(
             f"<h2>{html.escape(subset)} utterances</h2>" + frame.to_html(index=False, float_format="%.3f")
         )
@@ -173,7 +246,7 @@ def collect_results(
     """
     check_output_dir(out_dir, RESULTS_OUTPUT, [("train folder", train_dir), ("ingest folder", store_dir)])
     predictions, fold_metrics = load_runs(train_dir, params)
-    table = results_table(predictions, fold_metrics, params)
+    table = results_table(predictions, fold_metrics, params, load_seed_runs(train_dir, fold_metrics))
     with atomic_directory(out_dir, RESULTS_OUTPUT) as staging:
         predictions.to_parquet(staging / POOLED_PREDICTIONS, index=False)
         (staging / RESULTS_JSON).write_text(table.to_json(orient="records", indent=2) + "\n")

@@ -42,7 +42,11 @@ REPORT_FILE = "report.json"
 AUDIO_FILE = "audio.pcm16"
 STORE_META_FILE = "store.json"
 
-# A training run directory, one per (system, fold): artifacts/train/<system>/fold<k>/
+# A training run directory, one per (system, fold): artifacts/train/<system>/fold<k>/, holding the seed
+# ensemble's outputs and, for a neural system, one sub-run per seed of train.seeds: fold<k>/seed<s>/ (a run
+# directory with the same files, of that seed alone; see sermtl.training)
+SEED_RUN_PREFIX = "seed"
+SEED_RUN_PATTERN = rf"{SEED_RUN_PREFIX}[0-9]+"
 PREDICTIONS_FILE = "predictions.parquet"  # sermtl.metrics.PREDICTION_COLUMNS, test utterances x dimensions
 RUN_METRICS_FILE = "metrics.json"  # final metrics of the fold (see sermtl.training)
 HISTORY_FILE = "history.json"  # per-epoch metrics (neural systems)
@@ -56,6 +60,7 @@ TRAIN_RUN_OUTPUT = OutputKind.of(
     (PREDICTIONS_FILE, RUN_METRICS_FILE, HISTORY_FILE, ATTENTION_FILE, MODEL_DIR, CHECKPOINT_FILE),
     (RUN_METRICS_FILE,),
     (CHECKPOINT_FILE,),
+    patterns=(SEED_RUN_PATTERN,),
 )
 
 # Output of `sermtl significance` (see sermtl.significance): paired tests of the proposed system vs baselines.

@@ -1,12 +1,15 @@
 """The model that gets registered and served, and the one place where requests for it are parsed.
 
-What is served: the **ensemble of the K fold networks** of a study's proposed system
-(`<train_dir>/<system>/fold<k>/model`, one per leave-one-session-out fold). Each member was trained on
-four sessions and early-stopped on a validation speaker of those sessions, so nothing is retrained: the
-ensemble averages the members' class probabilities per dimension, and the class is the argmax of that
-mean. Attention weights (an optional output) are averaged over the members too: every fold network of a
-system frames the audio identically (same frame and hop, checked when logging), so frame i means the
-same stretch of audio for all of them, and the mean is again a distribution over the frames.
+What is served: the **ensemble of the K x S fold and seed networks** of a study's proposed system
+(`<train_dir>/<system>/fold<k>/model`, one per leave-one-session-out fold, each holding the networks of
+its S seeds, train.seeds). Each member was trained on four sessions and early-stopped on a validation
+speaker of those sessions, so nothing is retrained: the ensemble averages the members' class
+probabilities per dimension, and the class is the argmax of that mean (each fold's predictor averages
+its seeds, then the folds are averaged; every fold has the same seeds, checked when logging, so this is
+the plain mean over all K x S networks). Attention weights (an optional output) are averaged over the
+members too: every network of a system frames the audio identically (same frame and hop, checked when
+logging), so frame i means the same stretch of audio for all of them, and the mean is again a
+distribution over the frames.
 
 Input contract (`parse_input`, used by the ensemble and by the per-fold models of sermtl.tracking; the
 fold models keep a float32 TensorSpec signature, so over HTTP they take float samples only):
@@ -588,7 +591,8 @@ class AudioPyfunc(mlflow.pyfunc.PythonModel):
 
 
 class SerEnsemblePyfunc(AudioPyfunc):
-    """The registered model: the K fold networks of one system, probabilities averaged.
+    """The registered model: the K fold models of one system (each with its seeds' networks),
+    probabilities averaged.
 
     Artifacts: `fold<k>` (each fold's model/ folder, rebuilt by sermtl.training.load_predictor) and
     `serving_config` (serving.json: format, system, folds, sample_rate, the request limits
@@ -675,7 +679,7 @@ def ensemble_members(
     train_dir: Path, system: str, folds: list[int] | int, params: Params
 ) -> tuple[dict[int, Path], dict[str, Any]]:
     """{fold: model dir} of a trained neural system and its serving.json; errors name what is wrong."""
-    from sermtl.training import MODEL_FORMAT
+    from sermtl.training import MODEL_FORMATS
 
     spec = params.systems.get(system)
     if spec is None:
@@ -689,14 +693,25 @@ def ensemble_members(
     members: dict[int, Path] = {}
     dimensions: list[str] | None = None
     framing: set[tuple[int, int]] = set()
+    seeds: list[int] | None = None
+    networks = 0
     for fold in _fold_list(folds):
         model_dir = Path(train_dir) / system / f"fold{fold}" / MODEL_DIR
         config_path = model_dir / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: missing; has fold {fold} of {system} been trained?")
         description = json.loads(config_path.read_text())
-        if description.get("format") != MODEL_FORMAT:
+        if description.get("format") not in MODEL_FORMATS:
             raise ValueError(f"{config_path}: unsupported model format {description.get('format')!r}")
+        fold_seeds = [int(seed) for seed in description.get("seeds", [])]  # format 1: one unnamed seed
+        if seeds is None:
+            seeds = fold_seeds
+        elif fold_seeds != seeds:
+            raise ValueError(
+                f"{config_path}: networks of seeds {fold_seeds}, other folds have seeds {seeds}; an "
+                "ensemble averages the same seeds in every fold (retrain the folds with one train.seeds)"
+            )
+        networks += len(description["networks"])
         if description.get("system", system) != system:
             raise ValueError(f"{config_path}: a model of system {description['system']!r}, not {system!r}")
         if dimensions is None:
@@ -745,7 +760,11 @@ def ensemble_members(
         "class_names": list(CLASS_NAMES),
         "frame_s": frame_samples / rate,
         "frame_hop_s": hop_samples / rate,
-        "ensemble": "mean of the fold networks' class probabilities (class = argmax) and attention weights",
+        "seeds": seeds or [],
+        "networks": networks,
+        "ensemble": (
+            "mean of the fold and seed networks' class probabilities (class = argmax) and attention weights"
+        ),
     }
     return members, config
 
@@ -759,7 +778,7 @@ def log_ensemble_model(
     run_id: str,
     tracking_uri: str | None = None,
 ) -> str:
-    """Log the ensemble of `system`'s fold networks as a pyfunc into the existing run `run_id` (a
+    """Log the ensemble of `system`'s fold (and seed) networks as a pyfunc into the existing run `run_id` (a
     LoggedModel named "ensemble" linked to it); returns its `models:/m-<id>` URI, ready for
     `tracking.register_model`. The run keeps its status (e.g. a study's parent run stays RUNNING)."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
@@ -797,6 +816,7 @@ def log_ensemble_model(
                         "sermtl.kind": "neural",
                         "sermtl.system": system,
                         "sermtl.folds": config["folds"],
+                        "sermtl.seeds": config["seeds"],
                         "sermtl.dimensions": config["dimensions"],
                         "sermtl.sample_rate": config["sample_rate"],
                         "sermtl.ensemble": config["ensemble"],

@@ -2,7 +2,11 @@
 
 The proposed system (eval.proposed_system) and a baseline are compared on the same utterances (pooled
 over the folds, paired by utterance_id within a dimension) with three tests, because the literature
-uses all three and they answer slightly different questions:
+uses all three and they answer slightly different questions. A neural system's prediction is that of
+its seed ensemble (the fold's predictions.parquet: the mean of the train.seeds runs' class probabilities,
+the class its argmax; sermtl.training), so a comparison does not hang on one initialisation. The tests
+still take those predictions as given: the spread over seeds is not part of their p-values, it is
+reported beside them in the results table (sermtl.results).
 
 - resampling: a paired permutation test (`significance.resampling: permutation`) or bootstrap of the
   UAR difference, with a confidence interval of it;

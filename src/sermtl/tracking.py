@@ -53,6 +53,7 @@ from sermtl.schema import (
     MODEL_DIR,
     PREDICTIONS_FILE,
     RUN_METRICS_FILE,
+    SEED_RUN_PREFIX,
 )
 from sermtl.serving import AudioPyfunc, serving_signature
 from sermtl.serving import output_columns as output_columns  # re-exported: the pyfunc output columns
@@ -596,8 +597,10 @@ def log_study_results(
 ) -> None:
     """Results table artifacts (md, html, json) and pooled summary metrics on the parent run.
 
-    Metrics are named `pooled_<system>_<subset>_<dimension>_<metric>` (uar, weighted_accuracy, macro_f1)
-    and `fold_mean_/fold_std_<system>_<subset>_<dimension>_uar`, so the UI can compare studies.
+    Metrics are named `pooled_<system>_<subset>_<dimension>_<metric>` (uar, weighted_accuracy, macro_f1),
+    `fold_mean_/fold_std_<system>_<subset>_<dimension>_uar` (over folds) and
+    `seed_mean_/seed_std_<system>_<subset>_<dimension>_uar` (over training seeds: of the pooled UAR of
+    each seed's own predictions; sd 0 for one seed), so the UI can compare studies.
     """
     mlflow_client = client(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="sermtl-results-") as tmp:
@@ -608,14 +611,20 @@ def log_study_results(
         mlflow_client.log_artifacts(parent_run_id, str(folder), "results")
     metrics: list[Metric] = []
     stamp = _now_ms()
-    renames = {"pooled_uar": "pooled", "fold_uar_mean": "fold_mean", "fold_uar_std": "fold_std"}
+    renames = {
+        "pooled_uar": "pooled",
+        "fold_uar_mean": "fold_mean",
+        "fold_uar_std": "fold_std",
+        "seed_uar_mean": "seed_mean",
+        "seed_uar_std": "seed_std",
+    }
     for row in table.to_dict(orient="records"):
         if "system" not in row or "dimension" not in row:
             continue
         key = f"{row['system']}_{row.get('subset', 'all')}_{row['dimension']}"
         for column, value in row.items():
             number = _number(value)
-            if number is None or column in ("folds", "n"):
+            if number is None or column in ("folds", "seeds", "n"):
                 continue
             if column in renames:
                 name = f"{renames[column]}_{key}_uar"
@@ -725,7 +734,8 @@ def log_fold_run(
     """Log one training run directory as a child run `<system>/fold<k>` of the study; returns its id.
 
     Holds params (identity + the training params of metrics.json), per-epoch metrics (step = epoch),
-    final test/validation metrics, the raw files, plots (confusion, curves, attention over the
+    final test/validation metrics, the raw files (and each seed sub-run's metrics.json and
+    predictions.parquet under seed<s>/), plots (confusion, curves, attention over the
     waveform when `store_dir` is given) and the model as a pyfunc. A missing metrics.json or
     predictions.parquet is an error naming the path; other files are optional.
     """
@@ -778,6 +788,11 @@ def log_fold_run(
         for file_name in (RUN_METRICS_FILE, HISTORY_FILE, PREDICTIONS_FILE, ATTENTION_FILE):
             if (run_dir / file_name).is_file():
                 mlflow_client.log_artifact(run_id, str(run_dir / file_name))
+        for seed in fold_metrics.get("seeds") or []:  # each seed's own predictions, beside the ensemble's
+            for file_name in (RUN_METRICS_FILE, PREDICTIONS_FILE):
+                path = run_dir / f"{SEED_RUN_PREFIX}{seed}" / file_name
+                if path.is_file():
+                    mlflow_client.log_artifact(run_id, str(path), path.parent.name)
         with tempfile.TemporaryDirectory(prefix="sermtl-plots-") as tmp:
             plots = Path(tmp)
             _write_plots(plots, fold_metrics, predictions, history, run_dir, store_dir, name)

@@ -8,30 +8,46 @@ the lower validation loss), and scores the held-out session, which training neve
   single-task systems train one network per dimension ("arousal", "valence", "dominance"), one after
   the other, and their predictions are merged.
 - Loss: sum over tasks of `model.loss_weights[task] * cross-entropy` (class-balanced weights, inverse
-  class frequency in the training split, when `train.class_balanced_loss`).
+  class frequency in the training split, when `train.class_balanced_loss`: the one switch that
+  sermtl.egemaps reads too, so every system is weighted alike).
 - Data: segments come from the memory-mapped audio store (see sermtl.batching); `train.num_workers`
   > 0 collates upcoming batches in that many background threads (same batches, same order).
-- Reproducibility: weights are initialised from a seed derived from (train.seed, fold, network); every
+- Seeds: every network is trained once per seed of `train.seeds`, each seed a sub-run of the fold
+  (`<out_dir>/seed<s>/`, a run directory of its own). The fold predicts with the seed ensemble: per
+  utterance and dimension the mean of the seeds' class probabilities, the class its argmax.
+- Reproducibility: weights are initialised from a seed derived from (seed, fold, network); every
   epoch reseeds torch and draws its crops and order from a generator seeded by (seed, fold, network,
   epoch). A checkpoint is written atomically after every epoch (model, optimizer, best state, best
   score, patience counter, history, RNG states), so a killed run resumed from it ends with exactly the
   predictions of an uninterrupted run (on CPU, with the same thread count; CUDA kernels such as
   atomic-add reductions are not bitwise deterministic, so there a resumed run is equivalent, not identical).
 
-Run directory semantics (`out_dir`):
+Run directory semantics (`out_dir`, and each of its seed sub-runs alike):
 - metrics.json is written last and marks a finished run. With `resume=True` a finished run whose
-  recorded fingerprint (system, fold, features/model/train params, dimensions, the store's manifest)
-  matches is skipped and its metrics returned; a checkpoint with a matching fingerprint is continued;
-  anything with another fingerprint is discarded and training starts afresh.
-- `resume=False` always retrains from scratch (the old checkpoint is ignored and outputs replaced).
-- The checkpoint is deleted once all outputs are written.
+  recorded fingerprint (system, fold, features/model/train params, dimensions, the store's manifest; the
+  fold's includes the list of seeds, a sub-run's its own seed only) matches is skipped and its metrics
+  returned; a checkpoint with a matching fingerprint is continued; anything with another fingerprint is
+  discarded and training starts afresh. So a killed fold resumes in the seed it was killed in, the
+  finished seeds kept; and adding a seed to `train.seeds` trains only that seed.
+- `resume=False` always retrains from scratch (the old checkpoints are ignored and outputs replaced).
+- A sub-run's checkpoint (seed<s>/checkpoint.pt) is deleted once its outputs are written; sub-runs of
+  seeds no longer in `train.seeds` are removed when the fold is trained again.
 
-Outputs: predictions.parquet (metrics.PREDICTION_COLUMNS), metrics.json (`best_epoch` and
-`epochs_run` are ints for a multi-task system, {dimension: int} for a single-task one; `networks` has
-the details per network), history.json (see `history_records`), attention.npz (attention systems
-only: `<utterance_id>__<dimension>` weights over the frames of the first 4 test utterances, plus
-`frame_hop_s` and `frame_s`), model/ (config.json plus one state dict per network: mtl.pt or
-<dimension>.pt, read back by `load_predictor`).
+Outputs of a seed sub-run: predictions.parquet (metrics.PREDICTION_COLUMNS), metrics.json (`seed`;
+`best_epoch` and `epochs_run` are ints for a multi-task system, {dimension: int} for a single-task one;
+`networks` has the details per network), history.json (see `history_records`), attention.npz
+(attention systems only: `<utterance_id>__<dimension>` weights over the frames of the first 4 test
+utterances, plus `frame_hop_s` and `frame_s`), model/ (config.json plus one state dict per network:
+mtl.pt or <dimension>.pt, read back by `load_predictor`).
+
+Outputs of the fold (`out_dir`, written from its sub-runs' files, so a fold whose seeds were trained in
+one go or resumed one by one ends identical; see `combine_seeds`): the same files, for the seed
+ensemble: predictions.parquet with the seed-averaged probabilities, attention.npz with the
+seed-averaged weights, model/ with every seed's networks (`seed<s>_<network>.pt`; `load_predictor`
+averages the probabilities of the networks of each dimension), history.json (one seed: that seed's;
+several: their records merged by epoch, keys prefixed `seed<s>_`), metrics.json (`seeds`;
+`evaluation` of the seed ensemble; `validation` the mean over seeds; with several seeds `best_epoch`
+and `epochs_run` are {"seed<s>[_<dimension>]": int}; `seed_runs` has each seed's own scores).
 """
 
 from __future__ import annotations
@@ -42,6 +58,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -68,7 +86,13 @@ from sermtl.batching import (
 )
 from sermtl.folds import Fold, leave_one_session_out
 from sermtl.fsutil import atomic_directory, check_output_dir, read_marker, write_json, write_marker
-from sermtl.metrics import PREDICTION_COLUMNS, evaluate_predictions, uar, validate_predictions
+from sermtl.metrics import (
+    PREDICTION_COLUMNS,
+    PROBABILITY_COLUMNS,
+    evaluate_predictions,
+    uar,
+    validate_predictions,
+)
 from sermtl.model import ModelConfig, SerModel, build_model, count_parameters
 from sermtl.schema import (
     ATTENTION_FILE,
@@ -78,15 +102,20 @@ from sermtl.schema import (
     MODEL_DIR,
     PREDICTIONS_FILE,
     RUN_METRICS_FILE,
+    SEED_RUN_PATTERN,
+    SEED_RUN_PREFIX,
     STORE_META_FILE,
     TRAIN_RUN_OUTPUT,
 )
 
 CHECKPOINT_VERSION = 1
-MODEL_FORMAT = 1
+MODEL_FORMAT = 2  # 2: a model/ may hold several seeds' networks per dimension, averaged
+MODEL_FORMATS = (1, 2)  # what load_predictor reads
 MTL_NETWORK = "mtl"
 ATTENTION_UTTERANCES = 4  # test utterances whose attention weights are kept
 EVAL_BATCH_FACTOR = 2  # evaluation batches hold this many times the training batch's frames
+SEED_DIR_PREFIX = SEED_RUN_PREFIX  # a fold's sub-run of seed s is <fold>/seed<s>
+_SEED_DIR_RE = re.compile(SEED_RUN_PATTERN)
 
 
 class TrainingError(ValueError):
@@ -282,11 +311,13 @@ class _NetworkTrainer:
         val_set: UtteranceSet,
         params: Any,
         fold_index: int,
+        seed: int,
         device: torch.device,
         describe: str,
         progress: bool,
     ) -> None:
         self.spec, self.config, self.params, self.fold_index = spec, config, params, fold_index
+        self.seed = int(seed)
         self.train_set, self.val_set, self.device = train_set, val_set, device
         self.describe, self.progress = describe, progress
         tp = params.train
@@ -294,7 +325,7 @@ class _NetworkTrainer:
         self.frame_budget = tp.batch_size * self.max_frames * EVAL_BATCH_FACTOR
         self.bf16 = device.type == "cuda" and tp.bf16
         self.loss_weights = {t: float(params.model.loss_weights.get(t, 1.0)) for t in spec.tasks}
-        torch.manual_seed(derive_seed(tp.seed, fold_index, spec.index))
+        torch.manual_seed(derive_seed(self.seed, fold_index, spec.index))
         self.model = build_model(config).to(device)
         optimizer_class = torch.optim.AdamW if tp.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_class(self.model.parameters(), lr=tp.learning_rate)
@@ -351,8 +382,8 @@ class _NetworkTrainer:
     # -- training
     def _train_epoch(self, bar: tqdm | None) -> tuple[float, float, float]:
         tp, cfg = self.params.train, self.config
-        torch.manual_seed(derive_seed(tp.seed, self.fold_index, self.spec.index, self.epoch))
-        rng = np.random.default_rng([tp.seed, self.fold_index, self.spec.index, self.epoch])
+        torch.manual_seed(derive_seed(self.seed, self.fold_index, self.spec.index, self.epoch))
+        rng = np.random.default_rng([self.seed, self.fold_index, self.spec.index, self.epoch])
         batches = training_batches(
             self.train_set, cfg.frame_samples, cfg.hop_samples, self.max_frames, tp.batch_size, rng
         )
@@ -451,11 +482,17 @@ class _NetworkTrainer:
 # A fold
 
 
-def _fingerprint(params: Any, system_name: str, system: Any, fold_index: int, store_dir: Path) -> str:
-    """What a result depends on; a checkpoint or result with another fingerprint is stale."""
+def _fingerprint(
+    params: Any, system_name: str, system: Any, fold_index: int, store_dir: Path, seed: int | None = None
+) -> str:
+    """What a result depends on; a checkpoint or result with another fingerprint is stale. The fold's
+    (`seed` None) includes train.seeds; a seed sub-run's its own seed instead, not the other seeds."""
     train = dataclasses.asdict(params.train)
     for volatile in ("device", "num_workers", "compile"):
         train.pop(volatile, None)
+    if seed is not None:
+        train.pop("seeds")
+        train["seed"] = int(seed)
     digest = hashlib.sha256()
     for name in (MANIFEST_FILE, STORE_META_FILE):
         digest.update((store_dir / name).read_bytes())
@@ -563,6 +600,7 @@ def _write_model_dir(
     max_frames: int,
     dimensions: list[str],
     networks: dict[str, tuple[ModelConfig, dict[str, torch.Tensor]]],
+    seed: int,
 ) -> None:
     with atomic_directory(out_dir / MODEL_DIR) as tmp:
         description = {
@@ -570,14 +608,20 @@ def _write_model_dir(
             "system": system_name,
             "dimensions": list(dimensions),
             "max_frames": max_frames,
+            "seeds": [seed],
             "networks": {
-                name: {"file": f"{name}.pt", "config": config.to_dict()}
+                name: {"file": f"{name}.pt", "config": config.to_dict(), "network": name, "seed": seed}
                 for name, (config, _) in networks.items()
             },
         }
         write_json(tmp / "config.json", description)
         for name, (_, state) in networks.items():
             torch.save(state, tmp / f"{name}.pt")
+
+
+def seed_dir(out_dir: Path | str, seed: int) -> Path:
+    """The sub-run of one seed inside a fold's run directory: `<out_dir>/seed<s>`."""
+    return Path(out_dir) / f"{SEED_DIR_PREFIX}{int(seed)}"
 
 
 def train_fold(
@@ -591,13 +635,14 @@ def train_fold(
     resume: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train `system_name` on fold `fold_index`, write the run directory and return its metrics."""
+    """Train `system_name` on fold `fold_index` once per seed of train.seeds (the eGeMAPS baseline, which
+    is deterministic, once), write the run directory and return its metrics."""
     system = _check_request(params, system_name, fold_index)
     check_output_dir(out_dir, TRAIN_RUN_OUTPUT, [("store", store_dir)])
     if system.kind == "egemaps":
         from sermtl import egemaps
 
-        return egemaps.train_fold(store_dir, system_name, fold_index, out_dir, params)
+        return egemaps.train_fold(store_dir, system_name, fold_index, out_dir, params)  # no seeds
 
     store_dir, out_dir = Path(store_dir), Path(out_dir)
     torch_device = resolve_device(device, params)
@@ -608,29 +653,18 @@ def train_fold(
             f"{params.data.sample_rate}; re-run ingestion"
         )
     fold = leave_one_session_out(store.manifest, params.data.sessions)[fold_index]
+    seeds = [int(seed) for seed in params.train.seeds]
     fingerprint = _fingerprint(params, system_name, system, fold_index, store_dir)
-    metrics_path, checkpoint_path = out_dir / RUN_METRICS_FILE, out_dir / CHECKPOINT_FILE
+    metrics_path = out_dir / RUN_METRICS_FILE
     if resume and metrics_path.is_file():
-        try:
-            existing = json.loads(metrics_path.read_text())
-        except (OSError, ValueError):
-            existing = {}
+        existing = _read_metrics(metrics_path)
         if existing.get("fingerprint") == fingerprint:
             return existing
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if read_marker(out_dir) is None:
-        write_marker(out_dir, TRAIN_RUN_OUTPUT)  # written in place: the run folder is ours from here on
-    if not resume:
-        checkpoint_path.unlink(missing_ok=True)
-    checkpoint = _load_checkpoint(checkpoint_path, fingerprint) if resume else None
-    if checkpoint is None:
-        checkpoint = {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "finished": {}}
-    elif progress:
-        tqdm.write(
-            f"{out_dir}: resuming from checkpoint (epoch {checkpoint.get('epoch', 0)})", file=sys.stderr
-        )
-    # Remove outputs of an earlier run, so a half-replaced directory can never look finished.
+    _claim_seed_dirs(out_dir, seeds)
+    # Remove outputs of an earlier run, so a half-replaced directory can never look finished. A checkpoint
+    # beside them is an earlier sermtl's: checkpoints are kept per seed sub-run.
     metrics_path.unlink(missing_ok=True)
+    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
 
     store.verify_checksum()  # same-size corruption; one sequential read, cheap next to an epoch
     dimensions = list(params.eval.dimensions)
@@ -650,35 +684,112 @@ def train_fold(
     if torch_device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        trained: dict[str, tuple[ModelConfig, SerModel, dict[str, Any]]] = {}
-        for spec in specs:
-            trained[spec.name] = _train_one(
-                spec,
+        for seed in seeds:
+            _train_seed(
+                seed_dir(out_dir, seed),
+                seed,
+                store_dir,
                 system_name,
                 system,
                 params,
                 fold,
-                train_set,
-                val_set,
+                specs,
+                (train_set, val_set, test_set),
+                dimensions,
                 torch_device,
-                checkpoint,
-                checkpoint_path,
+                resume,
                 progress,
             )
-        metrics = _finish(
-            out_dir,
+        metrics = combine_seeds(out_dir, seeds, params, system_name, fingerprint)
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])
+    return metrics
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    """A run's metrics.json, or {} when it cannot be read (then the run is not finished)."""
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _claim_seed_dirs(out_dir: Path, seeds: list[int]) -> None:
+    """Mark the fold's folder as a training run's (schema.TRAIN_RUN_OUTPUT knows its seed sub-runs by
+    name) and remove the sub-runs of seeds no longer in train.seeds."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if read_marker(out_dir) is None:
+        write_marker(out_dir, TRAIN_RUN_OUTPUT)  # written in place: the run folder is ours from here on
+    wanted = {seed_dir(out_dir, seed).name for seed in seeds}
+    for name in sorted(os.listdir(out_dir)):
+        path = out_dir / name
+        if _SEED_DIR_RE.fullmatch(name) and name not in wanted:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def _train_seed(
+    run_dir: Path,
+    seed: int,
+    store_dir: Path,
+    system_name: str,
+    system: Any,
+    params: Any,
+    fold: Fold,
+    specs: list[NetworkSpec],
+    sets: tuple[UtteranceSet, UtteranceSet, UtteranceSet],
+    dimensions: list[str],
+    device: torch.device,
+    resume: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """One seed's sub-run: the system's network(s) trained with `seed` (a finished sub-run with the same
+    fingerprint is kept, a checkpoint continued) and scored on the test session."""
+    check_output_dir(run_dir, TRAIN_RUN_OUTPUT, [("store", store_dir)])
+    fingerprint = _fingerprint(params, system_name, system, fold.index, store_dir, seed)
+    metrics_path, checkpoint_path = run_dir / RUN_METRICS_FILE, run_dir / CHECKPOINT_FILE
+    if resume and metrics_path.is_file():
+        existing = _read_metrics(metrics_path)
+        if existing.get("fingerprint") == fingerprint:
+            return existing
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if read_marker(run_dir) is None:
+        write_marker(run_dir, TRAIN_RUN_OUTPUT)  # written in place: the run folder is ours from here on
+    if not resume:
+        checkpoint_path.unlink(missing_ok=True)
+    checkpoint = _load_checkpoint(checkpoint_path, fingerprint) if resume else None
+    if checkpoint is None:
+        checkpoint = {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "finished": {}}
+    elif progress:
+        tqdm.write(
+            f"{run_dir}: resuming from checkpoint (epoch {checkpoint.get('epoch', 0)})", file=sys.stderr
+        )
+    # Remove outputs of an earlier run, so a half-replaced directory can never look finished.
+    metrics_path.unlink(missing_ok=True)
+
+    train_set, val_set, test_set = sets
+    trained: dict[str, tuple[ModelConfig, SerModel, dict[str, Any]]] = {}
+    for spec in specs:
+        trained[spec.name] = _train_one(
+            spec,
             system_name,
             system,
             params,
             fold,
-            test_set,
-            trained,
-            dimensions,
-            torch_device,
-            fingerprint,
+            seed,
+            train_set,
+            val_set,
+            device,
+            checkpoint,
+            checkpoint_path,
+            progress,
         )
-    finally:
-        torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])
+    metrics = _finish(
+        run_dir, system_name, system, params, fold, seed, test_set, trained, dimensions, device, fingerprint
+    )
     checkpoint_path.unlink(missing_ok=True)
     return metrics
 
@@ -698,6 +809,7 @@ def _train_one(
     system: Any,
     params: Any,
     fold: Fold,
+    seed: int,
     train_set: UtteranceSet,
     val_set: UtteranceSet,
     device: torch.device,
@@ -713,8 +825,9 @@ def _train_one(
         _subset(val_set, spec.tasks),
         params,
         fold.index,
+        seed,
         device,
-        describe=f"{system_name} fold{fold.index} {spec.name}",
+        describe=f"{system_name} fold{fold.index} seed{seed} {spec.name}",
         progress=progress,
     )
     finished = checkpoint["finished"].get(spec.name)
@@ -763,19 +876,35 @@ def history_records(histories: dict[str, list[dict[str, Any]]]) -> list[dict[str
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def _params_record(params: Any, system: Any, seed: int | None = None) -> dict[str, Any]:
+    """The parameters metrics.json records; a seed sub-run's train section has its seed, not train.seeds."""
+    train = dataclasses.asdict(params.train)
+    if seed is not None:
+        train.pop("seeds")
+        train["seed"] = int(seed)
+    return {
+        "model": dataclasses.asdict(params.model),
+        "train": train,
+        "features": dataclasses.asdict(params.features),
+        "system": dataclasses.asdict(system),
+    }
+
+
 def _finish(
     out_dir: Path,
     system_name: str,
     system: Any,
     params: Any,
     fold: Fold,
+    seed: int,
     test_set: UtteranceSet,
     trained: dict[str, tuple[ModelConfig, SerModel, dict[str, Any]]],
     dimensions: list[str],
     device: torch.device,
     fingerprint: str,
 ) -> dict[str, Any]:
-    """Score the test session, write every output (metrics.json last) and return the metrics."""
+    """Score the test session with one seed's networks, write every output of its sub-run (metrics.json
+    last) and return the metrics."""
     max_frames = params.features.max_frames
     frame_budget = params.train.batch_size * max_frames * EVAL_BATCH_FACTOR
     bf16 = device.type == "cuda" and params.train.bf16
@@ -801,6 +930,7 @@ def _finish(
         max_frames,
         dimensions,
         {name: (config, _cpu_state(model)) for name, (config, model, _) in trained.items()},
+        seed,
     )
     _write_parquet(table, out_dir / PREDICTIONS_FILE)
     if attention_arrays:
@@ -822,6 +952,7 @@ def _finish(
         "fold": fold.index,
         "test_session": fold.test_session,
         "validation_speaker": fold.validation_speaker,
+        "seed": seed,
         "evaluation": evaluate_predictions(table),
         "validation": validation,
         "best_epoch": _per_network({name: s["best_epoch"] for name, (_, _, s) in trained.items()}),
@@ -831,6 +962,7 @@ def _finish(
             for name, (_, _, s) in trained.items()
         },
         "train_seconds": train_seconds,
+        "train_audio_seconds": train_audio,
         "audio_seconds_per_second": train_audio / train_seconds if train_seconds > 0 else float("nan"),
         "device": str(device),
         "parameters": {name: s["parameters"] for name, (_, _, s) in trained.items()},
@@ -840,12 +972,158 @@ def _finish(
             "test": len(test_set),
         },
         "fingerprint": fingerprint,
-        "params": {
-            "model": dataclasses.asdict(params.model),
-            "train": dataclasses.asdict(params.train),
-            "features": dataclasses.asdict(params.features),
-            "system": dataclasses.asdict(system),
+        "params": _params_record(params, system, seed),
+    }
+    write_json(out_dir / RUN_METRICS_FILE, metrics)
+    return metrics
+
+
+def _mean_over_seeds(arrays: list[np.ndarray]) -> np.ndarray:
+    """Element-wise mean in float64, the seeds in train.seeds order (one seed: that seed's values)."""
+    return np.mean(np.stack([np.asarray(a, dtype=np.float64) for a in arrays]), axis=0)
+
+
+def _seed_keyed(values: dict[int, Any]) -> Any:
+    """One seed: its value as is; several: {"seed<s>": int} or {"seed<s>_<dimension>": int}, flat."""
+    if len(values) == 1:
+        return next(iter(values.values()))
+    flat: dict[str, Any] = {}
+    for seed, value in values.items():
+        prefix = f"{SEED_DIR_PREFIX}{seed}"
+        if isinstance(value, dict):
+            flat.update({f"{prefix}_{key}": item for key, item in value.items()})
+        else:
+            flat[prefix] = value
+    return flat
+
+
+def combine_seeds(
+    out_dir: Path | str, seeds: list[int], params: Any, system_name: str, fingerprint: str
+) -> dict[str, Any]:
+    """Write the fold's outputs for the seed ensemble from its finished seed sub-runs' files (never from
+    memory, so that seeds trained in one go and seeds resumed one by one give identical bytes), metrics.json
+    last; returns the fold's metrics. See the module docstring for what each file holds."""
+    out_dir = Path(out_dir)
+    system = params.systems[system_name]
+    runs = []
+    for seed in seeds:
+        path = seed_dir(out_dir, seed)
+        metrics = _read_metrics(path / RUN_METRICS_FILE)
+        if not metrics:
+            raise RuntimeError(
+                f"{path / RUN_METRICS_FILE}: missing or unreadable; seed {seed} is not finished"
+            )
+        table = validate_predictions(pd.read_parquet(path / PREDICTIONS_FILE), str(path / PREDICTIONS_FILE))
+        runs.append((seed, path, metrics, table))
+    first_path, first, first_table = runs[0][1:]
+    rows = ["utterance_id", "dimension", "label"]
+    for _, path, _, table in runs[1:]:
+        if not table[rows].equals(first_table[rows]):
+            raise RuntimeError(
+                f"{path / PREDICTIONS_FILE}: other test rows than {first_path / PREDICTIONS_FILE}"
+            )
+
+    # Predictions: per utterance and dimension the mean of the seeds' probabilities, the class its argmax.
+    columns = list(PROBABILITY_COLUMNS)
+    probabilities = _mean_over_seeds([table[columns].to_numpy() for *_, table in runs])
+    combined = first_table.copy()
+    combined[columns] = probabilities
+    combined["prediction"] = probabilities.argmax(axis=1)
+    combined = validate_predictions(combined, str(out_dir / PREDICTIONS_FILE))
+
+    # Model: every seed's networks (the state dicts copied byte for byte).
+    with atomic_directory(out_dir / MODEL_DIR) as tmp:
+        networks: dict[str, dict[str, Any]] = {}
+        for seed, path, _, _ in runs:
+            description = json.loads((path / MODEL_DIR / "config.json").read_text())
+            for name, entry in description["networks"].items():
+                key = f"{SEED_DIR_PREFIX}{seed}_{name}"
+                shutil.copyfile(path / MODEL_DIR / entry["file"], tmp / f"{key}.pt")
+                networks[key] = {
+                    "file": f"{key}.pt",
+                    "config": entry["config"],
+                    "network": name,
+                    "seed": seed,
+                }
+        write_json(
+            tmp / "config.json",
+            {
+                "format": MODEL_FORMAT,
+                "system": description["system"],
+                "dimensions": description["dimensions"],
+                "max_frames": description["max_frames"],
+                "seeds": list(seeds),
+                "networks": networks,
+            },
+        )
+    _write_parquet(combined, out_dir / PREDICTIONS_FILE)
+
+    # Attention: the mean of the seeds' weights (frame i is the same audio for every seed's network).
+    if (first_path / ATTENTION_FILE).is_file():
+        loaded = []
+        for _, path, _, _ in runs:
+            with np.load(path / ATTENTION_FILE) as archive:
+                loaded.append({key: np.asarray(archive[key]) for key in archive.files})
+        attention = dict(loaded[0])
+        for key in attention:
+            if "__" in key:
+                attention[key] = _mean_over_seeds([arrays[key] for arrays in loaded]).astype(np.float32)
+        _write_npz(attention, out_dir / ATTENTION_FILE)
+    else:
+        (out_dir / ATTENTION_FILE).unlink(missing_ok=True)
+
+    histories = {seed: json.loads((path / HISTORY_FILE).read_text()) for seed, path, _, _ in runs}
+    if len(histories) == 1:
+        history = next(iter(histories.values()))
+    else:
+        by_epoch: dict[int, dict[str, Any]] = {}
+        for seed, records in histories.items():
+            for record in records:
+                merged = by_epoch.setdefault(int(record["epoch"]), {"epoch": int(record["epoch"])})
+                merged.update({f"{SEED_DIR_PREFIX}{seed}_{k}": v for k, v in record.items() if k != "epoch"})
+        history = [by_epoch[epoch] for epoch in sorted(by_epoch)]
+    write_json(out_dir / HISTORY_FILE, history)
+
+    per_seed = {seed: metrics for seed, _, metrics, _ in runs}
+    train_seconds = sum(float(m["train_seconds"]) for m in per_seed.values())
+    train_audio = sum(float(m["train_audio_seconds"]) for m in per_seed.values())
+    devices = sorted({str(m["device"]) for m in per_seed.values()})
+    metrics = {
+        "system": system_name,
+        "kind": system.kind,
+        "fold": first["fold"],
+        "test_session": first["test_session"],
+        "validation_speaker": first["validation_speaker"],
+        "seeds": list(seeds),
+        "evaluation": evaluate_predictions(combined),
+        "validation": {
+            dimension: float(_mean_over_seeds([m["validation"][dimension] for m in per_seed.values()]))
+            for dimension in first["validation"]
         },
+        "best_epoch": _seed_keyed({seed: m["best_epoch"] for seed, m in per_seed.items()}),
+        "epochs_run": _seed_keyed({seed: m["epochs_run"] for seed, m in per_seed.items()}),
+        "networks": {
+            f"{SEED_DIR_PREFIX}{seed}_{name}": {**entry, "seed": seed}
+            for seed, m in per_seed.items()
+            for name, entry in m["networks"].items()
+        },
+        "seed_runs": {
+            str(seed): {
+                "dir": seed_dir(out_dir, seed).name,
+                "fingerprint": m["fingerprint"],
+                **{
+                    k: m[k] for k in ("evaluation", "validation", "best_epoch", "epochs_run", "train_seconds")
+                },
+            }
+            for seed, m in per_seed.items()
+        },
+        "train_seconds": train_seconds,
+        "audio_seconds_per_second": train_audio / train_seconds if train_seconds > 0 else float("nan"),
+        "device": ",".join(devices),
+        "parameters": first["parameters"],
+        "utterances": first["utterances"],
+        "fingerprint": fingerprint,
+        "params": _params_record(params, system),
     }
     write_json(out_dir / RUN_METRICS_FILE, metrics)
     return metrics
@@ -856,7 +1134,9 @@ def _finish(
 
 
 class Predictor:
-    """A trained system as a function of one waveform; pools segments exactly as evaluation does."""
+    """A trained system as a function of one waveform; pools segments exactly as evaluation does. Where
+    several networks predict a dimension (a fold's seeds), their probabilities and attention weights are
+    averaged, as the fold's predictions.parquet and attention.npz are (see `combine_seeds`)."""
 
     def __init__(
         self,
@@ -884,7 +1164,8 @@ class Predictor:
         if samples.dtype != np.int16:
             samples = samples.astype(np.float32, copy=False)
         source = WaveformSource(samples)
-        result: dict[str, dict[str, Any]] = {}
+        pooled_by_task: dict[str, list[np.ndarray]] = {}
+        attention_by_task: dict[str, list[np.ndarray]] = {}
         for model in self.networks.values():
             cfg = model.config
             segments = evaluation_segments(samples.size, cfg.frame_samples, cfg.hop_samples, self.max_frames)
@@ -895,24 +1176,28 @@ class Predictor:
             items = np.zeros(len(segments), dtype=np.int64)
             frames = np.array([s.frames for s in segments], dtype=np.int64)
             for task in model.tasks:
-                pooled = pool_segments(items, frames, probs[task], 1)[0]
-                result[task] = {
-                    "class": int(pooled.argmax()),
-                    "probabilities": [float(p) for p in pooled],
-                    "attention": utterance_attention(segments, weights[task]),
-                }
+                pooled_by_task.setdefault(task, []).append(pool_segments(items, frames, probs[task], 1)[0])
+                attention_by_task.setdefault(task, []).append(utterance_attention(segments, weights[task]))
+        result: dict[str, dict[str, Any]] = {}
+        for task, pooled in pooled_by_task.items():
+            mean = _mean_over_seeds(pooled)
+            result[task] = {
+                "class": int(mean.argmax()),
+                "probabilities": [float(p) for p in mean],
+                "attention": _mean_over_seeds(attention_by_task[task]).astype(np.float32),
+            }
         return {d: result[d] for d in self.dimensions if d in result}
 
 
 def load_predictor(model_dir: Path | str, device: str = "cpu") -> Any:
-    """Rebuild the trained network(s) of a run directory's model/ folder."""
+    """Rebuild the trained network(s) of a run directory's model/ folder (a fold's: every seed's)."""
     model_dir = Path(model_dir)
     from sermtl import egemaps
 
     if (model_dir / egemaps.MODEL_FILE).is_file():
         return egemaps.load_predictor(model_dir)  # the hand-crafted baseline
     description = json.loads((model_dir / "config.json").read_text())
-    if description.get("format") != MODEL_FORMAT:
+    if description.get("format") not in MODEL_FORMATS:
         raise ValueError(f"{model_dir}: unsupported model format {description.get('format')!r}")
     networks = {}
     for name, entry in description["networks"].items():
