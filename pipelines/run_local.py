@@ -11,6 +11,7 @@ recorded in ``<outputs>/last_run.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -60,12 +61,7 @@ def ensure_corpus(corpus_uri: str, params: Any) -> str:
 
         synth = params.data.synth
         print(f"corpus {path} not found: generating a synthetic corpus ({synth.utterances} utterances)")
-        synthesize(
-            path,
-            utterances=synth.utterances,
-            seed=synth.seed,
-            mean_duration_s=synth.mean_duration_s,
-        )
+        synthesize(path, **dataclasses.asdict(synth))
     return str(path)
 
 

@@ -64,6 +64,7 @@ def test_unknown_profile_is_an_error():
         ("data: {sample_rate: fast}", r"params.yaml: data.sample_rate: expected int, got 'fast'"),
         ("data: {sessions: 5}", r"params.yaml: data.sessions: expected a list"),
         ("data: {thresholds: {low_max: true}}", r"data.thresholds.low_max: expected float, got True"),
+        ("data: {synth: {null_labels: 1}}", r"params.yaml: data.synth.null_labels: expected bool, got 1"),
         ("validation: [1, 2]", r"params.yaml: validation: expected a mapping"),
         ("systems: {mtl: {pooling: max, kindd: neural}}", r"params.yaml: systems.mtl.kindd: unknown key"),
         (
@@ -127,6 +128,10 @@ RANGES = [
     ("data.synth.utterances", 10, r"an integer in \[60, 200000\]"),
     ("data.synth.seed", -1, "an integer >= 0"),
     ("data.synth.mean_duration_s", 0, r"a number in \[0.8, 12\]"),
+    ("data.synth.cue_span", 0, r"a number in \(0, 1\]"),
+    ("data.synth.cue_span", 1.5, r"a number in \(0, 1\]"),
+    ("data.synth.cue_sharing", -0.1, r"a number in \[0, 1\]"),
+    ("data.synth.cue_sharing", 1.01, r"a number in \[0, 1\]"),
     ("data.corpus", " ", "a folder or s3:// URI"),
     ("data.s3_endpoint_url", "localhost:8333", r"an http\(s\):// URL, or empty"),
     ("validation.rating_step", 0, r"a number in \(0, 4\]"),

@@ -3,6 +3,8 @@ reproducible byte for byte, and carry learnable but not trivial acoustic cues of
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from scipy.stats import spearmanr
 from sermtl import synth
 from sermtl.corpus import parse_emo_evaluation
 from sermtl.fsutil import OUTPUT_MARKER, OutputFolderError
+from sermtl.params import SynthParams
 from sermtl.synth import synthesize
 
 HEADER_RE = re.compile(
@@ -481,3 +484,235 @@ def test_other_sample_rate_and_numpy_integers(tmp_path):
         start, end = round(float(b.start) * 10_000), round(float(b.end) * 10_000)
         assert (end - start) * 8000 == info.frames * 10_000
     assert abs(summary.audio_seconds - sum(sf.info(wav_of(root, b)).duration for b in blocks)) < 1e-6
+
+
+# --- effect settings (cue_span, cue_sharing, null_labels): the defaults are the generator before them ---
+
+# sha256 over (relative path, sha256 of bytes) of every file but the marker, recorded with the generator
+# before the effect settings existed (commit 685a79c): the defaults must keep reproducing these bytes.
+GOLDEN_DIGESTS = {
+    "small": "d0be5503a51a639685a58c05bf1cb86876b70ba450f712893540b1360e4f5f91",  # 60, seed 1, 1.0 s
+    "medium": "49e6927f7f13a08bf3250406326b2347dafe147ca9a47a98629a6b1e88b65be0",  # 200, seed 0, 1.5 s
+}
+
+
+def corpus_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_DIGESTS))
+def test_default_settings_reproduce_the_recorded_corpus(corpora, name):
+    assert corpus_digest(corpora[name]) == GOLDEN_DIGESTS[name]
+
+
+def test_params_defaults_are_the_generator_defaults():
+    defaults = {k: v.default for k, v in inspect.signature(synthesize).parameters.items()}
+    settings = SynthParams()
+    for name in ("cue_span", "cue_sharing", "null_labels"):
+        assert getattr(settings, name) == defaults[name], name
+    assert (defaults["cue_span"], defaults["cue_sharing"], defaults["null_labels"]) == (0.5, 0.5, False)
+
+
+@pytest.fixture(scope="module")
+def effect_corpora(tmp_path_factory) -> dict[str, Path]:
+    """1,000 short utterances (about 15 min of audio, ~2 s to write), with and without null labels."""
+    base = tmp_path_factory.mktemp("effects")
+    out = {}
+    for name, null_labels in (("default", False), ("null", True)):
+        root = base / name / "IEMOCAP_full_release"
+        synthesize(root, utterances=1000, seed=0, mean_duration_s=0.8, null_labels=null_labels)
+        out[name] = root
+    return out
+
+
+def _feature_label_correlations(root: Path) -> np.ndarray:
+    """Pearson r of (RMS dB, tilt, centroid) x (valence, arousal, dominance label)."""
+    blocks = read_blocks(root)
+    feats = np.array([_features(*sf.read(wav_of(root, b))) for b in blocks])
+    labels = np.array([b.vad for b in blocks])
+    return np.array([[np.corrcoef(feats[:, j], labels[:, i])[0, 1] for i in range(3)] for j in range(3)])
+
+
+def test_null_labels_are_independent_of_the_audio(effect_corpora):
+    default, null = effect_corpora["default"], effect_corpora["null"]
+    # The audio (and the transcripts) are exactly those of the default corpus; only the labels change.
+    wavs = sorted(p.relative_to(default) for p in default.rglob("*.wav"))
+    assert wavs == sorted(p.relative_to(null) for p in null.rglob("*.wav"))
+    assert all((default / w).read_bytes() == (null / w).read_bytes() for w in wavs)
+    for path in default.glob("Session*/dialog/transcriptions/*.txt"):
+        assert path.read_bytes() == (null / path.relative_to(default)).read_bytes()
+    labels_default = {b.uid: b.vad for b in read_blocks(default)}
+    labels_null = {b.uid: b.vad for b in read_blocks(null)}
+    assert labels_default.keys() == labels_null.keys()
+    assert sum(labels_default[k] != labels_null[k] for k in labels_default) > 0.8 * len(labels_default)
+
+    rho = _feature_label_correlations(default)
+    assert rho[0, 1] > 0.4 and rho[1, 0] > 0.15  # energy <-> arousal, tilt <-> valence
+    rho_null = _feature_label_correlations(null)
+    assert abs(rho_null[0, 1]) < 0.1, rho_null  # energy says nothing about arousal any more
+    assert np.all(np.abs(rho_null) < 0.15), rho_null
+
+
+def test_null_labels_are_independent_of_the_latent_that_renders_the_audio():
+    # Over independent draws, the labels do not follow the latent the audio renders (a single draw's r
+    # scatters with sd ~0.025 here: utterances of a speaker or dialog share their offsets).
+    correlations = []
+    for k in range(10):
+        rng, label_rng = np.random.default_rng(k), np.random.default_rng(100 + k)
+        dialogs, _ = synth._plan(1500, rng, 2.5, 16000, label_rng=label_rng)
+        utts = [u for d in dialogs for u in d.utts]
+        labels, audio = np.array([u.header_values() for u in utts]), np.array([u.audio_latent for u in utts])
+        correlations.append([np.corrcoef(labels[:, dim], audio[:, dim])[0, 1] for dim in range(3)])
+    correlations = np.array(correlations)
+    assert np.all(np.abs(correlations.mean(axis=0)) < 0.03) and np.all(np.abs(correlations) < 0.1), (
+        correlations
+    )
+    # Without null labels, the labels follow the rendered latent closely.
+    dialogs, _ = synth._plan(1500, np.random.default_rng(0), 2.5, 16000)
+    utts = [u for d in dialogs for u in d.utts]
+    assert all(u.audio_latent is None for u in utts)
+    labels, latent = np.array([u.header_values() for u in utts]), np.array([u.latent for u in utts])
+    assert all(np.corrcoef(labels[:, dim], latent[:, dim])[0, 1] > 0.8 for dim in range(3))
+
+
+@pytest.mark.parametrize("null_labels", [False, True])
+@pytest.mark.parametrize("sharing", [0.0, 0.5, 1.0])
+def test_every_class_of_every_dimension_in_every_session_in_every_mode(sharing, null_labels):
+    for utterances in (60, 137, 400):
+        for seed in range(3):
+            label_rng = np.random.default_rng(seed + 10) if null_labels else None
+            dialogs, _ = synth._plan(
+                utterances, np.random.default_rng(seed), 1.0, 16000, cue_sharing=sharing, label_rng=label_rng
+            )
+            for session in range(1, 6):
+                values = [u.header_values() for d in dialogs if d.session == session for u in d.utts]
+                for dim in range(3):
+                    assert {class_of(v[dim]) for v in values} == {0, 1, 2}, (utterances, seed, session, dim)
+
+
+def test_null_corpus_holds_every_class_in_every_session(effect_corpora):
+    blocks = read_blocks(effect_corpora["null"])
+    for session in range(1, 6):
+        for dim in range(3):
+            assert {class_of(b.vad[dim]) for b in blocks if b.session == session} == {0, 1, 2}
+
+
+def test_cue_sharing_anchors_and_monotone_weights():
+    assert np.array_equal(synth.latent_corr(0.0), np.eye(3))
+    assert synth.latent_corr(0.5) is synth.LATENT_CORR  # the default is exactly the generator's
+    assert np.array_equal(synth.latent_corr(1.0), synth.SHARED_CORR)
+    assert synth.cue_weights(0.5) == {name: w for name, (_, w) in synth.CUE_CHANNELS.items()}
+    for name, (own, default) in synth.CUE_CHANNELS.items():
+        alone, shared = synth.cue_weights(0.0)[name], synth.cue_weights(1.0)[name]
+        assert [i for i in range(3) if alone[i]] == [own], name  # each cue: its own dimension only
+        assert all(shared) and shared[own] == default[own], name  # every dimension drives every cue
+        previous = alone
+        for sharing in (0.25, 0.5, 0.75, 1.0):
+            weights = synth.cue_weights(sharing)[name]
+            assert all(b >= a for a, b in zip(previous, weights, strict=True)), (name, sharing)
+            previous = weights
+    for sharing in np.linspace(0.0, 1.0, 9):
+        assert np.all(np.linalg.eigvalsh(synth.latent_corr(sharing)) > 0)  # a valid correlation
+
+
+def _label_correlations(sharing: float) -> np.ndarray:
+    dialogs, _ = synth._plan(4000, np.random.default_rng(0), 2.5, 16000, cue_sharing=sharing)
+    labels = np.array([u.header_values() for d in dialogs for u in d.utts])
+    corr = np.corrcoef(labels.T)
+    return np.array([corr[0, 1], corr[0, 2], corr[1, 2]])  # V-A, V-D, A-D
+
+
+def test_cue_sharing_moves_the_correlation_between_the_dimensions_labels():
+    independent, default, shared = (_label_correlations(s) for s in (0.0, 0.5, 1.0))
+    assert np.all(np.abs(independent) < 0.06), independent
+    assert 0.4 < default[2] < 0.65 and default[0] < 0.25, default  # A-D strong, V-A weak (IEMOCAP-like)
+    assert np.all(shared > 0.5), shared
+    assert independent.mean() < default.mean() < shared.mean()
+
+
+SPEAKER = synth._Speaker(
+    session=1, letter="F", f0=200.0, formant_scale=1.15, gain_db=0.0, rate=4.2, tilt=0.0, breath=0.05,
+    offset=(0.0, 0.0, 0.0),
+)  # fmt: skip
+
+
+def _dominance_level_db(seed: int, cue_span: float, cue_sharing: float) -> np.ndarray:
+    """Per 20 ms frame, how much louder (dB) an utterance of high dominance is than the same utterance
+    (same audio seed) at neutral latent, over the frames where the neutral one is louder than its median."""
+    cues = synth._cues(cue_span, cue_sharing)
+    frames = []
+    for latent in ((3.0, 3.0, 4.5), (3.0, 3.0, 3.0)):
+        utt = synth._Utt(utt_id="u", index=0, session=1, letter="F", start_ticks=0, n_samples=3 * 16000)
+        utt.latent = np.array(latent)
+        pcm = synth._render(utt, SPEAKER, 16000, np.random.default_rng(seed), cues).astype(np.float64)
+        frames.append(10 * np.log10(np.mean(pcm.reshape(-1, 320) ** 2, axis=1) + 1e-9))
+    high, neutral = frames
+    return (high - neutral)[neutral >= np.median(neutral)]
+
+
+def test_cue_span_one_spreads_the_cues_over_the_whole_utterance():
+    tc = np.arange(1500) * 0.002  # 3 s on the 2 ms control grid
+    for span, low, high in ((0.5, 0.3, 0.7), (0.2, 0.12, 0.28), (0.9, 0.86, 0.94)):
+        rng = np.random.default_rng(0)
+        shares = [synth._cue_window(tc, 3.0, span, rng)[2] / 3.0 for _ in range(300)]
+        assert low <= min(shares) and max(shares) <= high and abs(np.mean(shares) - span) < 0.02
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    w, s0, length = synth._cue_window(tc, 3.0, 1.0, rng_a)
+    assert np.all(w == 1.0) and (s0, length) == (0.0, 3.0)
+    synth._cue_window(tc, 3.0, 0.5, rng_b)
+    assert rng_a.random() == rng_b.random()  # the same draws whatever the span: the rest is unchanged
+
+    # In the audio: with cue_span 0.5 part of the utterance stays near neutral loudness; with 1.0 the
+    # whole utterance is louder (what is left of the contrast comes from the raised pitch).
+    concentrated = np.array([np.percentile(_dominance_level_db(s, 0.5, 0.5), [10, 90]) for s in range(4)])
+    spread = np.array([np.percentile(_dominance_level_db(s, 1.0, 0.5), [10, 90]) for s in range(4)])
+    assert np.all(concentrated[:, 0] < 1.0) and np.all(spread[:, 0] > 2.0), (concentrated, spread)
+    assert np.all(spread[:, 1] - spread[:, 0] < 0.6 * (concentrated[:, 1] - concentrated[:, 0]))
+
+
+def test_cue_sharing_zero_keeps_dominance_out_of_the_energy():
+    shared = np.array([np.median(_dominance_level_db(s, 1.0, 0.5)) for s in range(4)])
+    alone = np.array([np.median(_dominance_level_db(s, 1.0, 0.0)) for s in range(4)])
+    assert np.all(shared > 2.5) and np.all(np.abs(alone) < 0.5), (shared, alone)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cue_span": 0.0}, "cue_span"),
+        ({"cue_span": 1.5}, "cue_span"),
+        ({"cue_span": float("nan")}, "cue_span"),
+        ({"cue_span": True}, "cue_span"),
+        ({"cue_sharing": -0.1}, "cue_sharing"),
+        ({"cue_sharing": 1.01}, "cue_sharing"),
+        ({"null_labels": "yes"}, "null_labels"),
+    ],
+)
+def test_bad_effect_settings_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        synthesize(tmp_path / "IEMOCAP_full_release", utterances=60, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_passes_the_effect_settings_through(tmp_path):
+    from typer.testing import CliRunner
+
+    from sermtl.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  synth: {utterances: 60, seed: 3, mean_duration_s: 0.8, cue_sharing: 0.0}\n")
+    by_cli = tmp_path / "cli" / "IEMOCAP_full_release"
+    args = ["synth", "--out", str(by_cli), "--params", str(params), "--cue-span", "1", "--null-labels"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    direct = tmp_path / "direct" / "IEMOCAP_full_release"
+    synthesize(
+        direct, utterances=60, seed=3, mean_duration_s=0.8, cue_span=1.0, cue_sharing=0.0, null_labels=True
+    )
+    assert corpus_digest(by_cli) == corpus_digest(direct)
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "bad"), "--cue-span", "2"])
+    assert result.exit_code == 2 and "cue_span must be a number in (0, 1]" in result.output

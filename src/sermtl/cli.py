@@ -75,28 +75,42 @@ def synth(
         int | None, typer.Option(help="Random seed; the same seed gives identical bytes.")
     ] = None,
     mean_duration: Annotated[float | None, typer.Option(help="Mean utterance duration in seconds.")] = None,
+    cue_span: Annotated[
+        float | None, typer.Option(help="Mean share of an utterance carrying the cues, (0, 1]; 1: all of it.")
+    ] = None,
+    cue_sharing: Annotated[
+        float | None,
+        typer.Option(help="What the dimensions share, [0, 1]: 0 independent, 0.5 IEMOCAP-like, 1 strong."),
+    ] = None,
+    null_labels: Annotated[
+        bool | None,
+        typer.Option("--null-labels/--no-null-labels", help="Labels independent of the audio (chance)."),
+    ] = None,
     params_path: ParamsOption = DEFAULT_PARAMS_PATH,
 ) -> None:
     """Generate a synthetic corpus in the exact IEMOCAP_full_release layout and annotation format.
 
-    Defaults come from the data.synth section of params.yaml.
+    Defaults come from the data.synth section of params.yaml (sermtl.synth explains the effect settings).
     """
+    import dataclasses
+
+    from sermtl.params import SynthParams
     from sermtl.synth import synthesize
 
-    settings = _load(params_path).data.synth if params_path.is_file() else None
+    # Without a params file: synthesize's own defaults (IEMOCAP's mean duration).
+    settings = _load(params_path).data.synth if params_path.is_file() else SynthParams(mean_duration_s=4.45)
+    given = {
+        "utterances": utterances,
+        "seed": seed,
+        "mean_duration_s": mean_duration,
+        "cue_span": cue_span,
+        "cue_sharing": cue_sharing,
+        "null_labels": null_labels,
+    }
+    settings = dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
     try:
-        summary = synthesize(
-            out,
-            utterances=utterances if utterances is not None else settings.utterances if settings else 400,
-            seed=seed if seed is not None else settings.seed if settings else 0,
-            mean_duration_s=mean_duration
-            if mean_duration is not None
-            else settings.mean_duration_s
-            if settings
-            else 4.45,
-            progress=sys.stderr.isatty(),
-        )
-    except OutputFolderError as exc:
+        summary = synthesize(out, **dataclasses.asdict(settings), progress=sys.stderr.isatty())
+    except (OutputFolderError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(
         f"wrote {summary.utterances} utterances in {summary.dialogs} dialogs "

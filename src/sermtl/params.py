@@ -140,6 +140,10 @@ class SynthParams:
     utterances: int = checked(400, at_least=60, at_most=200_000)  # sermtl.synth's MIN/MAX_UTTERANCES
     seed: int = checked(0, at_least=0)
     mean_duration_s: float = checked(2.5, at_least=0.8, at_most=12.0)  # sermtl.synth's bounds
+    # Effect settings (sermtl.synth's docstring); the defaults give the generator's corpus before them.
+    cue_span: float = checked(0.5, above=0.0, at_most=1.0)  # mean share of an utterance carrying cues
+    cue_sharing: float = checked(0.5, **_FRACTION)  # 0 independent dimensions .. 1 strongly shared
+    null_labels: bool = False  # true: labels drawn independently of the audio (chance by construction)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sermtl import health
 from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir
 from sermtl.metrics import evaluate_predictions, validate_predictions
 from sermtl.params import Params
@@ -38,7 +39,7 @@ STUDY_RECORD = "study.json"  # written beside the table by pipeline_runner.colle
 # What a results folder holds; one of an earlier sermtl (no marker) is known by its results.json.
 RESULTS_OUTPUT = OutputKind.of(
     "results",
-    (POOLED_PREDICTIONS, RESULTS_JSON, RESULTS_MARKDOWN, RESULTS_HTML, STUDY_RECORD),
+    (POOLED_PREDICTIONS, RESULTS_JSON, RESULTS_MARKDOWN, RESULTS_HTML, STUDY_RECORD, health.HEALTH_JSON),
     (RESULTS_JSON,),
 )
 
@@ -247,11 +248,17 @@ def collect_results(
     check_output_dir(out_dir, RESULTS_OUTPUT, [("train folder", train_dir), ("ingest folder", store_dir)])
     predictions, fold_metrics = load_runs(train_dir, params)
     table = results_table(predictions, fold_metrics, params, load_seed_runs(train_dir, fold_metrics))
+    fitness = health.training_health(predictions, fold_metrics)
     with atomic_directory(out_dir, RESULTS_OUTPUT) as staging:
         predictions.to_parquet(staging / POOLED_PREDICTIONS, index=False)
         (staging / RESULTS_JSON).write_text(table.to_json(orient="records", indent=2) + "\n")
+        (staging / health.HEALTH_JSON).write_text(fitness.to_json(orient="records", indent=2) + "\n")
         (staging / RESULTS_MARKDOWN).write_text(
-            to_markdown(table, "all") + "\n" + to_markdown(table, "improvised")
+            to_markdown(table, "all")
+            + "\n"
+            + to_markdown(table, "improvised")
+            + "\n"
+            + health.to_markdown(fitness)
         )
         (staging / RESULTS_HTML).write_text(to_html(table))
     return table

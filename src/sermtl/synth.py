@@ -9,14 +9,37 @@ so a strict IEMOCAP parser reads it as if it were the real corpus.
 The audio is speech-like (glottal pulse train through per-syllable formant filters) and carries
 learnable but noisy cues of the latent valence/arousal/dominance, concentrated in a random sub-span of
 each utterance, so that time attention can beat mean pooling:
-- arousal: energy, pitch range (f0 modulation depth), speaking rate;
+- arousal: energy, pitch range (f0 modulation depth), speaking rate (and first formant);
 - valence: spectral tilt (brightness) and pitch contour slope (rising vs falling);
 - dominance: loudness and pitch level.
 Labels are means of two simulated external raters' rounded ratings of the latent values, so the labels
 are noisy with respect to the audio, as they are in IEMOCAP.
 
+Effect settings (params.yaml `data.synth`; the defaults give the corpus of the generator before they
+existed, byte for byte), for simulation studies where the answer is known by construction:
+- `cue_span` in (0, 1], default 0.5: the mean share of each utterance's duration that carries the
+  cues. Each utterance draws its own share uniformly in cue_span +- 40% of the distance to the nearer
+  of 0 and 1 (0.5: 0.3..0.7), placed at random; outside it the expression falls to 20%. 1.0: every
+  utterance carries its cues from start to end, so time attention has nothing to find that mean
+  pooling misses.
+- `cue_sharing` in [0, 1], default 0.5: how much the three dimensions share latent structure and
+  acoustic cues, linear between three anchors. 0: independent latents (no correlation between the
+  dimensions, for speakers, dialogs and turns alike) and each cue driven by its own dimension only
+  (the cross-terms below are off; dominance keeps only pitch level). 0.5: the IEMOCAP-like default,
+  latent correlations V-A 0.15, V-D 0.25, A-D 0.7 (LATENT_CORR) and a few shared cues (arousal raises
+  pitch level and brightness, dominance raises loudness). 1: strongly shared, every pair of dimensions
+  correlates 0.8 in the latent and every cue is driven by the other two dimensions at 0.7 of the weight
+  of its own (CUE_CHANNELS). Multi-task learning can only gain where the dimensions share something.
+- `null_labels`, default false: true draws the annotations (ratings, categories, self-ratings) of
+  every utterance from a second, independent draw of the latent process (own speaker and dialog
+  offsets, turns, raters and class coverage; its own child of the SeedSequence), while the audio is
+  exactly that of `null_labels: false`. Labels are then independent of the audio by construction
+  (given which utterances share a speaker, dialog and session), and every session still holds every
+  class of every dimension: any system's expected UAR is chance.
+
 Determinism: one `numpy.random.SeedSequence(seed)`; the corpus plan uses one child, every utterance's
-audio its own grandchild, so bytes are identical across runs and independent of scheduling.
+audio its own grandchild, the null-mode annotations a third child, so bytes are identical across runs
+and independent of scheduling.
 """
 
 from __future__ import annotations
@@ -112,6 +135,25 @@ RATER_BIAS_SD = 0.15
 SELF_BIAS = np.array([0.4, 0.6, 0.3])  # actors rate themselves differently from the external raters
 SELF_NOISE_SD = 0.8
 
+# Effect settings (module docstring). The defaults reproduce the generator that had none.
+DEFAULT_CUE_SPAN = 0.5
+CUE_SPAN_JITTER = 0.4  # an utterance's share: cue_span +- this x the distance to the nearer of 0 and 1
+DEFAULT_CUE_SHARING = 0.5
+SHARED_CORR = np.array([[1.0, 0.8, 0.8], [0.8, 1.0, 0.8], [0.8, 0.8, 1.0]])  # latent at cue_sharing 1
+SHARED_CUE_WEIGHT = 0.7  # at cue_sharing 1: the other dimensions' weight on a cue, relative to its own
+# Cue channels of _render: (the dimension it belongs to, weights of (valence, arousal, dominance) on its
+# drive at cue_sharing 0.5, the default). At 0 only the own weight is kept; at 1 the others are
+# SHARED_CUE_WEIGHT x the own weight (at least the default cross-terms, so sharing only grows).
+CUE_CHANNELS: dict[str, tuple[int, tuple[float, float, float]]] = {
+    "rate": (1, (0.0, 0.45, 0.0)),  # speaking rate, octaves
+    "range": (1, (0.0, 1.3, 0.0)),  # pitch accent depth
+    "f1": (1, (0.0, 0.05, 0.0)),  # first formant shift
+    "energy": (1, (0.0, 4.0, 2.5)),  # dB; dominance's loudness shares it
+    "pitch_level": (2, (0.0, 0.5, 1.8)),  # semitones
+    "contour": (0, (3.0, 0.0, 0.0)),  # pitch slope over the cue span, semitones
+    "tilt": (0, (1.5, 0.15, 0.0)),  # brightness (log of the bright/dark mix)
+}
+
 # Vowel formants (F1, F2, F3) in Hz of an adult male voice; scaled per speaker.
 VOWELS = np.array(
     [
@@ -165,7 +207,8 @@ class _Utt:
     letter: str
     start_ticks: int
     n_samples: int
-    latent: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    latent: np.ndarray = field(default_factory=lambda: np.zeros(3))  # what the labels follow
+    audio_latent: np.ndarray | None = None  # what the audio follows, where not `latent` (null mode)
     ext: np.ndarray = field(default_factory=lambda: np.zeros((2, 3), dtype=np.int64))  # 2 raters x V,A,D
     self_rating: np.ndarray | None = None
     category: str = "neu"
@@ -189,6 +232,57 @@ class _Dialog:
     utts: list[_Utt] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Cues:
+    """How the audio carries the latent emotion (cue_span, and cue_sharing's weights per channel)."""
+
+    span: float = DEFAULT_CUE_SPAN
+    weights: tuple[tuple[str, tuple[float, float, float]], ...] = tuple(
+        (name, weights) for name, (_, weights) in CUE_CHANNELS.items()
+    )
+
+    def drive(self, channel: str, z: tuple[float, float, float]) -> float:
+        """sum of weight x (latent - 3) over the dimensions weighing on the channel, in V, A, D order."""
+        total = None
+        for weight, value in zip(dict(self.weights)[channel], z, strict=True):
+            if weight != 0.0:
+                term = weight * value
+                total = term if total is None else total + term
+        return 0.0 if total is None else total
+
+
+def _between(sharing: float, at_zero: np.ndarray, at_default: np.ndarray, at_one: np.ndarray) -> np.ndarray:
+    """Linear in cue_sharing between its three anchors (0, DEFAULT_CUE_SHARING, 1); exact at each."""
+    if sharing == DEFAULT_CUE_SHARING:
+        return at_default
+    if sharing < DEFAULT_CUE_SHARING:
+        return at_zero + (sharing / DEFAULT_CUE_SHARING) * (at_default - at_zero)
+    above = (sharing - DEFAULT_CUE_SHARING) / (1.0 - DEFAULT_CUE_SHARING)
+    return at_default + above * (at_one - at_default)
+
+
+def latent_corr(sharing: float = DEFAULT_CUE_SHARING) -> np.ndarray:
+    """Correlation of the latent (valence, arousal, dominance) at a cue_sharing (identity at 0)."""
+    return _between(sharing, np.eye(3), LATENT_CORR, SHARED_CORR)
+
+
+def cue_weights(sharing: float = DEFAULT_CUE_SHARING) -> dict[str, tuple[float, float, float]]:
+    """Per cue channel, the weights of (valence, arousal, dominance) on its drive at a cue_sharing."""
+    weights = {}
+    for name, (own, default) in CUE_CHANNELS.items():
+        at_default = np.array(default)
+        at_zero = np.where(np.arange(3) == own, at_default, 0.0)
+        at_one = np.where(
+            np.arange(3) == own, at_default, np.maximum(SHARED_CUE_WEIGHT * at_default[own], at_default)
+        )
+        weights[name] = tuple(float(x) for x in _between(sharing, at_zero, at_default, at_one))
+    return weights
+
+
+def _cues(cue_span: float, cue_sharing: float) -> _Cues:
+    return _Cues(span=cue_span, weights=tuple(cue_weights(cue_sharing).items()))
+
+
 def synthesize(
     out_dir: Path,
     utterances: int = 400,
@@ -196,22 +290,34 @@ def synthesize(
     mean_duration_s: float = 4.45,
     sample_rate: int = 16000,
     progress: bool = False,
+    cue_span: float = DEFAULT_CUE_SPAN,
+    cue_sharing: float = DEFAULT_CUE_SHARING,
+    null_labels: bool = False,
 ) -> SynthSummary:
     """Write a synthetic IEMOCAP_full_release folder at `out_dir` (which holds Session1..Session5).
 
     Built in a sibling temporary folder and moved into place, so a crash never leaves a half corpus.
     An existing folder at `out_dir` is replaced only when empty or written by `synthesize` (its marker,
     sermtl.fsutil.OUTPUT_MARKER); anything else raises OutputFolderError before any work. The same
-    arguments always give identical bytes.
+    arguments always give identical bytes. `cue_span`, `cue_sharing`, `null_labels`: the module docstring.
     """
     _validate(utterances, seed, mean_duration_s, sample_rate)
+    _validate_effects(cue_span, cue_sharing, null_labels)
     utterances, seed, sample_rate = int(utterances), int(seed), int(sample_rate)
     mean_duration_s = float(mean_duration_s)
+    cues = _cues(float(cue_span), float(cue_sharing))
     out_dir = Path(out_dir)
     check_output_dir(out_dir, SYNTH_OUTPUT)
     root = np.random.SeedSequence(seed)
-    plan_seq, audio_seq = root.spawn(2)
-    dialogs, speakers = _plan(utterances, np.random.default_rng(plan_seq), mean_duration_s, sample_rate)
+    plan_seq, audio_seq, label_seq = root.spawn(3)  # the first two as before the third existed
+    dialogs, speakers = _plan(
+        utterances,
+        np.random.default_rng(plan_seq),
+        mean_duration_s,
+        sample_rate,
+        cue_sharing=float(cue_sharing),
+        label_rng=np.random.default_rng(label_seq) if null_labels else None,
+    )
     all_utts = [u for d in dialogs for u in d.utts]
     audio_seeds = audio_seq.spawn(len(all_utts))
 
@@ -228,9 +334,13 @@ def synthesize(
             if workers == 1:
                 for dialog in jobs:
                     seeds = [audio_seeds[u.index] for u in dialog.utts]
-                    total_samples += _render_dialog(tmp, dialog, speakers, sample_rate, seeds, bar.update)
+                    total_samples += _render_dialog(
+                        tmp, dialog, speakers, sample_rate, seeds, cues, bar.update
+                    )
             else:
-                rendered = _render_in_workers(tmp, jobs, speakers, sample_rate, audio_seeds, workers, bar)
+                rendered = _render_in_workers(
+                    tmp, jobs, speakers, sample_rate, audio_seeds, cues, workers, bar
+                )
                 total_samples += rendered
     return SynthSummary(
         out_dir=out_dir,
@@ -250,6 +360,7 @@ def _render_dialog(
     speakers: dict[tuple[int, str], _Speaker],
     sample_rate: int,
     seeds: list[np.random.SeedSequence],
+    cues: _Cues,
     on_utterance: Callable[[int], object] | None = None,
 ) -> int:
     """Render and write one dialog's wavs; returns the number of samples written."""
@@ -257,7 +368,8 @@ def _render_dialog(
     wav_dir.mkdir(parents=True, exist_ok=True)
     total = 0
     for utt, seq in zip(dialog.utts, seeds, strict=True):
-        pcm = _render(utt, speakers[(utt.session, utt.letter)], sample_rate, np.random.default_rng(seq))
+        spk = speakers[(utt.session, utt.letter)]
+        pcm = _render(utt, spk, sample_rate, np.random.default_rng(seq), cues)
         (wav_dir / f"{utt.utt_id}.wav").write_bytes(_wav_bytes(pcm, sample_rate))
         total += pcm.size
         if on_utterance is not None:
@@ -285,6 +397,7 @@ def _render_in_workers(
     speakers: dict[tuple[int, str], _Speaker],
     sample_rate: int,
     audio_seeds: list[np.random.SeedSequence],
+    cues: _Cues,
     workers: int,
     bar: tqdm,
 ) -> int:
@@ -295,7 +408,7 @@ def _render_in_workers(
         futures = {}
         for dialog in jobs:
             seeds = [audio_seeds[u.index] for u in dialog.utts]
-            future = pool.submit(_render_dialog, root, dialog, speakers, sample_rate, seeds)
+            future = pool.submit(_render_dialog, root, dialog, speakers, sample_rate, seeds, cues)
             futures[future] = len(dialog.utts)
         try:
             for future in as_completed(futures):
@@ -338,6 +451,22 @@ def _validate(utterances: int, seed: int, mean_duration_s: float, sample_rate: i
         )
     if not integral(sample_rate) or not 8000 <= sample_rate <= 96000:
         raise ValueError(f"sample_rate must be an integer in [8000, 96000] Hz, got {sample_rate!r}")
+
+
+def _validate_effects(cue_span: float, cue_sharing: float, null_labels: bool) -> None:
+    def real(value: object) -> bool:
+        return (
+            isinstance(value, numbers.Real)
+            and not isinstance(value, bool | np.bool_)
+            and math.isfinite(value)
+        )
+
+    if not real(cue_span) or not 0.0 < cue_span <= 1.0:
+        raise ValueError(f"cue_span must be a number in (0, 1], got {cue_span!r}")
+    if not real(cue_sharing) or not 0.0 <= cue_sharing <= 1.0:
+        raise ValueError(f"cue_sharing must be a number in [0, 1], got {cue_sharing!r}")
+    if not isinstance(null_labels, bool | np.bool_):
+        raise ValueError(f"null_labels must be true or false, got {null_labels!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,13 +561,23 @@ def _duration_bounds(mean_duration_s: float) -> tuple[float, float]:
 
 
 def _plan(
-    utterances: int, rng: np.random.Generator, mean_duration_s: float, sample_rate: int
+    utterances: int,
+    rng: np.random.Generator,
+    mean_duration_s: float,
+    sample_rate: int,
+    *,
+    cue_sharing: float = DEFAULT_CUE_SHARING,
+    label_rng: np.random.Generator | None = None,
 ) -> tuple[list[_Dialog], dict[tuple[int, str], _Speaker]]:
-    """Everything but the audio: cheap, so tests can check the plan of a full-size corpus."""
-    speakers = _plan_speakers(rng)
+    """Everything but the audio: cheap, so tests can check the plan of a full-size corpus.
+
+    With `label_rng` (null mode) the annotations are then redrawn from it (_independent_labels); without,
+    they follow the latent the audio renders.
+    """
+    chol = np.linalg.cholesky(latent_corr(cue_sharing))
+    speakers = _plan_speakers(rng, chol)
     per_session = _session_counts(utterances)
     dialog_counts = _dialog_counts(utterances, per_session)
-    chol = np.linalg.cholesky(LATENT_CORR)
     grid = sample_rate // math.gcd(sample_rate, TICKS_PER_SECOND)  # samples per whole number of ticks
     low, high = _duration_bounds(mean_duration_s)
     mu = math.log(mean_duration_s) - DURATION_SIGMA**2 / 2
@@ -485,11 +624,8 @@ def _plan(
                     raise ValueError(f"dialog {name} would need more than 1000 turns of one speaker")
                 ticks += n_samples * TICKS_PER_SECOND // sample_rate
                 ticks += int(rng.uniform(0.05, 1.5) * TICKS_PER_SECOND)
-                state[letter] = TURN_AR * state[letter] + math.sqrt(1 - TURN_AR**2) * rng.standard_normal(3)
-                spk = speakers[(session, letter)]
-                latent = LATENT_MEAN + np.array(spk.offset) + dialog.offset
-                latent += LATENT_SD * (chol @ state[letter])
-                utt.latent = np.clip(latent, 1.0, 5.0)
+                state[letter] = _next_state(state[letter], rng)
+                utt.latent = _latent(speakers[(session, letter)].offset, dialog.offset, state[letter], chol)
                 utt.ext = _external_ratings(utt.latent, dialog.rater_bias, rng)
                 dialog.utts.append(utt)
             session_dialogs.append(dialog)
@@ -499,11 +635,47 @@ def _plan(
                 _finish_labels(utt, rng)
                 utt.words = _words(dialog, turn, utt.n_samples / sample_rate, rng)
         dialogs.extend(session_dialogs)
+    if label_rng is not None:
+        _independent_labels(dialogs, chol, label_rng)
     return dialogs, speakers
 
 
-def _plan_speakers(rng: np.random.Generator) -> dict[tuple[int, str], _Speaker]:
-    chol = np.linalg.cholesky(LATENT_CORR)
+def _next_state(state: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A speaker's next turn: emotions persist (TURN_AR), the stationary distribution stays N(0, I)."""
+    return TURN_AR * state + math.sqrt(1 - TURN_AR**2) * rng.standard_normal(3)
+
+
+def _latent(speaker_offset, dialog_offset: np.ndarray, state: np.ndarray, chol: np.ndarray) -> np.ndarray:
+    latent = LATENT_MEAN + np.array(speaker_offset) + dialog_offset
+    latent += LATENT_SD * (chol @ state)
+    return np.clip(latent, 1.0, 5.0)
+
+
+def _independent_labels(dialogs: list[_Dialog], chol: np.ndarray, rng: np.random.Generator) -> None:
+    """Null mode: every utterance's annotations from a second, independent draw of the latent process on
+    the same layout (its own speaker and dialog offsets, turns, rater biases, class coverage, categories),
+    all from `rng`; the audio keeps the latent it had (`audio_latent`), so labels and audio share no draw.
+    """
+    rater_bias = rng.normal(0.0, RATER_BIAS_SD, size=(len(EXTERNAL_RATERS), 3))
+    for session in SESSIONS:
+        offsets = {letter: SPEAKER_OFFSET_SD * (chol @ rng.standard_normal(3)) for letter in "FM"}
+        session_dialogs = [d for d in dialogs if d.session == session]
+        for dialog in session_dialogs:
+            dialog_offset = DIALOG_OFFSET_SD * (chol @ rng.standard_normal(3))
+            dialog.rater_bias = rater_bias[[EXTERNAL_RATERS.index(r) for r in dialog.a_raters]]
+            state = {"F": rng.standard_normal(3), "M": rng.standard_normal(3)}
+            for utt in dialog.utts:
+                utt.audio_latent = utt.latent
+                state[utt.letter] = _next_state(state[utt.letter], rng)
+                utt.latent = _latent(offsets[utt.letter], dialog_offset, state[utt.letter], chol)
+                utt.ext = _external_ratings(utt.latent, dialog.rater_bias, rng)
+        _cover_classes(session_dialogs, rng)
+        for dialog in session_dialogs:
+            for utt in dialog.utts:
+                _finish_labels(utt, rng)
+
+
+def _plan_speakers(rng: np.random.Generator, chol: np.ndarray) -> dict[tuple[int, str], _Speaker]:
     speakers: dict[tuple[int, str], _Speaker] = {}
     for session in SESSIONS:
         for letter in "FM":
@@ -739,7 +911,24 @@ def _wav_bytes(pcm: np.ndarray, sample_rate: int) -> bytes:
     return header + data
 
 
-def _render(utt: _Utt, spk: _Speaker, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+def _cue_window(
+    tc: np.ndarray, dur: float, cue_span: float, rng: np.random.Generator
+) -> tuple[np.ndarray, float, float]:
+    """(w on the control grid `tc`: 1 inside the utterance's cue span, 0 outside, smooth ramps; its
+    start s0; its length span). Two draws whatever cue_span is, so the rest of the utterance is the same."""
+    half = CUE_SPAN_JITTER * min(cue_span, 1.0 - cue_span)
+    span = rng.uniform(cue_span - half, cue_span + half) * dur
+    s0 = rng.uniform(0.0, dur - span)
+    if cue_span >= 1.0:
+        return np.ones_like(tc), 0.0, dur
+    ramp = min(0.15, span / 4)
+    w = _smoothstep(np.clip((tc - s0) / ramp, 0.0, 1.0) * np.clip((s0 + span - tc) / ramp, 0.0, 1.0))
+    return w, s0, span
+
+
+def _render(
+    utt: _Utt, spk: _Speaker, sample_rate: int, rng: np.random.Generator, cues: _Cues = _Cues()
+) -> np.ndarray:
     """Speech-like int16 samples whose prosody and spectrum follow the utterance's latent emotion.
 
     Slow-varying controls (f0, gains, brightness) are computed on a 2 ms grid and held, so only the
@@ -751,13 +940,12 @@ def _render(utt: _Utt, spk: _Speaker, sample_rate: int, rng: np.random.Generator
     hop = max(1, sr // 500)
     nc = -(-n // hop)
     tc = np.arange(nc) * (hop / sr)
-    zv, za, zd = (float(x) for x in utt.latent - 3.0)
+    latent = utt.latent if utt.audio_latent is None else utt.audio_latent
+    z = tuple(float(x) for x in latent - 3.0)
+    drive = {name: cues.drive(name, z) for name, _ in cues.weights}
 
     # The emotional expression lives in a random sub-span; around it the speech is closer to neutral.
-    span = rng.uniform(0.3, 0.7) * dur
-    s0 = rng.uniform(0.0, dur - span)
-    ramp = min(0.15, span / 4)
-    w = _smoothstep(np.clip((tc - s0) / ramp, 0.0, 1.0) * np.clip((s0 + span - tc) / ramp, 0.0, 1.0))
+    w, s0, span = _cue_window(tc, dur, cues.span, rng)
     e = 0.2 + 0.8 * w
 
     # Syllables at an arousal-dependent rate, with occasional pauses and silence at both ends.
@@ -767,7 +955,7 @@ def _render(utt: _Utt, spk: _Speaker, sample_rate: int, rng: np.random.Generator
     cur = lead
     while cur < end_speech - 0.06:
         el = e[min(nc - 1, int(cur * sr) // hop)]
-        rate = spk.rate * 2.0 ** (0.45 * za * el)
+        rate = spk.rate * 2.0 ** (drive["rate"] * el)
         length = min(rng.lognormal(0.0, 0.22) / rate, end_speech - cur)
         bounds.append((cur, cur + length))
         cur += length
@@ -787,11 +975,11 @@ def _render(utt: _Utt, spk: _Speaker, sample_rate: int, rng: np.random.Generator
     knots = rng.standard_normal(int(dur * 20) + 2)
 
     # f0: pitch level (dominance, a little arousal), accent range (arousal), contour slope (valence).
-    depth = np.maximum(0.4, 1.8 + 1.3 * za * e)
+    depth = np.maximum(0.4, 1.8 + drive["range"] * e)
     accent = np.interp(tc, centres, accents) * depth
-    level = (1.8 * zd + 0.5 * za) * e
+    level = drive["pitch_level"] * e
     pos = np.clip((tc - s0) / span, 0.0, 1.0)
-    contour = 3.0 * zv * (pos - 0.5) * w
+    contour = drive["contour"] * (pos - 0.5) * w
     declination = -1.5 * tc / dur
     jitter = 0.25 * np.interp(tc, np.linspace(0.0, dur, knots.size), knots)
     semitones = level + accent + contour + declination + jitter
@@ -819,7 +1007,7 @@ def _render(utt: _Utt, spk: _Speaker, sample_rate: int, rng: np.random.Generator
 
     # Brightness (spectral tilt): valence, a little arousal; a time-varying mix of a dark low-pass
     # and the flat excitation.
-    beta = np.minimum(0.3 * np.exp((1.5 * zv + 0.15 * za) * e + spk.tilt), 2.0)
+    beta = np.minimum(0.3 * np.exp(drive["tilt"] * e + spk.tilt), 2.0)
     dark = lfilter([0.15], [1.0, -0.85], excitation)
     bright = dark + np.repeat(beta, hop)[:n] * (excitation - dark)
 
@@ -830,7 +1018,7 @@ def _render(utt: _Utt, spk: _Speaker, sample_rate: int, rng: np.random.Generator
     padded = np.concatenate([bright, np.zeros(tail)])
     mids = np.minimum(nc - 1, ((starts + ends) * (sr / 2)).astype(np.int64) // hop)
     formants = VOWELS[vowels] * spk.formant_scale * formant_jitter
-    formants[:, 0] *= 1.0 + 0.05 * za * e[mids]
+    formants[:, 0] *= 1.0 + drive["f1"] * e[mids]
     poles = _formant_poles(np.minimum(formants, nyquist_cap), BANDWIDTHS[None, :], sr)
     for a_idx, b_idx, i in segments:
         seg = padded[a_idx : b_idx + tail].copy()
@@ -842,7 +1030,7 @@ def _render(utt: _Utt, spk: _Speaker, sample_rate: int, rng: np.random.Generator
 
     # Loudness: arousal (energy) and dominance (loudness) inside the span; speaker and recording level.
     level_db = -26.0 + spk.gain_db + rng.normal(0.0, 2.5)
-    gain = np.exp(((4.0 * za + 2.5 * zd) * e + level_db) * (math.log(10.0) / 20.0))
+    gain = np.exp((drive["energy"] * e + level_db) * (math.log(10.0) / 20.0))
     signal = speech * np.repeat(gain, hop)[:n]
 
     # Background noise at a random SNR relative to the nominal (neutral) speech level; random colour.
