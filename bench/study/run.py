@@ -18,10 +18,10 @@ Recorded: per system and dimension the pooled UAR (seed-averaged predictions), i
 and over seeds, chance's interval for that system (2.5-97.5% of the UAR of its pooled predictions
 permuted over the utterances: a random classifier with the same prediction shares, on the same
 labels), the comparisons of the significance report (p: the gate's test, corrected), the gate's
-decision and reasons, and wall times: synth, the whole pipeline, each pipeline step (first start to
-last end of its kfp tasks, from kfp's log lines; kfp.local trains two (system, fold) items at a time)
-and each (system, fold)'s training seconds. The JSON result is printed at the end and written to the
-run's folder, beside the pipeline's log and outputs.
+decision and reasons, and wall times: synth, the whole pipeline, each pipeline step (from kfp's log
+lines; kfp.local trains two (system, fold) items at a time) and each (system, fold)'s training
+seconds. The JSON result is printed at the end and written to the run's folder, beside the pipeline's
+log and outputs.
 
     uv run python bench/study/run.py --scenario hypothesis [--utterances 1000] [--seeds 0 1 2]
         [--profile demo|paper] [--max-epochs N] [--seed 0]
@@ -77,10 +77,13 @@ def study_params(args: argparse.Namespace, corpus: Path) -> dict:
 
 
 def run_logged(command: list[str], log: Path, env: dict[str, str]) -> tuple[float, dict[str, dict]]:
-    """Run `command`, its output to `log`; (wall seconds, per kfp task name: how many finished and the span
-    from the first start to the last end). kfp.local runs up to two iterations of a ParallelFor (the
-    train-system-fold tasks) at a time, under one name, so a name's span is its step's wall time."""
-    spans: dict[str, dict] = {}
+    """Run `command`, its output to `log`; (wall seconds, per kfp task name in the order they ran: how
+    many started, and the wall time from its first start to the next step's first start, or to its own
+    last end for the last step). The DAG's steps run one after the other, but kfp.local runs up to two
+    ParallelFor iterations (train-system-fold) at a time under one name, and then may lose one of their
+    "finished" log lines: hence the spans from start to start."""
+    started: dict[str, list[float]] = {}
+    ended: dict[str, float] = {}
     start = time.perf_counter()
     with log.open("w") as sink:
         process = subprocess.Popen(
@@ -92,21 +95,20 @@ def run_logged(command: list[str], log: Path, env: dict[str, str]) -> tuple[floa
             plain = ANSI.sub("", line)
             now = time.perf_counter() - start
             if match := TASK_START.search(plain):
-                spans.setdefault(match[1], {"tasks": 0, "first_start": now, "last_end": now})
-                print(f"  [{now:7.1f} s] {match[1]} ...", flush=True)
-            elif (match := TASK_END.search(plain)) and match[1] in spans:
-                span = spans[match[1]]
-                span["tasks"] += 1
-                span["last_end"] = now
-                print(f"  [{now:7.1f} s] {match[1]} {match[2]} ({span['tasks']} done)", flush=True)
+                started.setdefault(match[1], []).append(now)
+                print(f"  [{now:7.1f} s] {match[1]} ({len(started[match[1]])}) ...", flush=True)
+            elif match := TASK_END.search(plain):
+                ended[match[1]] = now
+                print(f"  [{now:7.1f} s] {match[1]} {match[2]}", flush=True)
         code = process.wait()
     wall = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"failed (exit {code}): {' '.join(command)}; log: {log}")
-    steps = {
-        name: {"tasks": span["tasks"], "wall_s": round(span["last_end"] - span["first_start"], 1)}
-        for name, span in spans.items()
-    }
+    names = list(started)  # in the order of their first start
+    steps = {}
+    for i, name in enumerate(names):
+        until = started[names[i + 1]][0] if i + 1 < len(names) else ended.get(name, wall)
+        steps[name] = {"tasks": len(started[name]), "wall_s": round(until - started[name][0], 1)}
     return wall, steps
 
 
