@@ -100,8 +100,9 @@ def feature_cache_key(store_dir: Path) -> str:
     """Hex key of everything the features depend on: the store's bytes and the extractor.
 
     Hashes store.json, the manifest's utterance ids, offsets, lengths and source sha256 (so re-ingesting
-    another corpus, or the same one at another rate, changes the key), the audio file itself (catches
-    any in-place change; about 1 s per GB), and the openSMILE version, feature set and level.
+    another corpus, or the same one at another rate, changes the key), the audio's sha256 (the one ingest
+    recorded in store.json, which extraction verifies; an older store without it is read and hashed here),
+    and the openSMILE version, feature set and level.
     """
     store_dir = Path(store_dir)
     digest = hashlib.sha256()
@@ -110,7 +111,7 @@ def feature_cache_key(store_dir: Path) -> str:
         "opensmile": _opensmile_version(),
         "feature_set": FEATURE_SET,
         "feature_level": FEATURE_LEVEL,
-        "store_meta": json.loads((store_dir / STORE_META_FILE).read_text()),
+        "store_meta": (store_meta := json.loads((store_dir / STORE_META_FILE).read_text())),
     }
     digest.update(json.dumps(header, sort_keys=True).encode())
     manifest = pd.read_parquet(
@@ -119,8 +120,9 @@ def feature_cache_key(store_dir: Path) -> str:
     for column in manifest.columns:
         digest.update(column.encode())
         digest.update("\x1f".join(manifest[column].astype(str)).encode())
-    with open(store_dir / AUDIO_FILE, "rb") as handle:
-        digest.update(hashlib.file_digest(handle, "sha256").digest())
+    if not store_meta.get("sha256"):  # in store_meta, hashed above: no second read of the audio
+        with open(store_dir / AUDIO_FILE, "rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
 
 
