@@ -166,7 +166,35 @@ def _print_record(record: dict[str, Any], last_run: Path) -> None:
             print(f"  - {reason}")
         print()
         print(decision.get("registry", "").rstrip())
+        print()
+        print("\n".join(decision.get("next_steps", [])))
     print(f"  recorded in:       {last_run}")
+
+
+def next_steps(gate_passed: bool, model_name: str, significance: dict[str, Any] | None) -> list[str]:
+    """What to try after the run: the registry path when the gate passed, else why it could not pass."""
+    if gate_passed:
+        return [
+            "next (from this folder; the local MLflow store is ./mlruns, `uv run mlflow ui` shows it):",
+            f"  uv run sermtl registry {model_name}",
+            f'  uv run sermtl promote {model_name} --reason "first champion: reviewed the demo study"',
+            f"  uv run sermtl serve -m models:/{model_name}@champion -h 127.0.0.1 -p 5001",
+        ]
+    lines = ["nothing was registered, so promote and serve have nothing to act on yet."]
+    comparisons = (significance or {}).get("comparisons") or []
+    params = (significance or {}).get("params") or {}
+    clusters = min((int(c.get("clusters") or 0) for c in comparisons), default=0)
+    unit = str(params.get("unit", ""))
+    if comparisons and unit != "utterance" and 0 < clusters <= 20:
+        alpha = float(params.get("alpha", 0.05))
+        floor = 2.0 / 2**clusters
+        lines.append(
+            f"  power: the tests resample {clusters} {unit}s, so no p-value can be below 2/2^{clusters} = "
+            f"{floor:.4f}, and Holm over {len(comparisons)} comparisons asks the best of them for p <= "
+            f"{alpha / len(comparisons):.4f}: a baseline counts as beaten only where nearly every {unit} "
+            "favours the proposed system (bench/README.md, `make run`, gives the measured differences)."
+        )
+    return lines
 
 
 def _decision(record: dict[str, Any], outputs: Path, params: Any) -> dict[str, Any]:
@@ -174,6 +202,7 @@ def _decision(record: dict[str, Any], outputs: Path, params: Any) -> dict[str, A
     from sermtl.compare import run_compare
     from sermtl.pipeline_runner import read_study
     from sermtl.registry import TAG_GATE_PASSED, TAG_GATE_REASONS, RegistryError, registry_state
+    from sermtl.schema import SIGNIFICANCE_JSON
     from sermtl.tracking import client
 
     study_run_id = read_study(record["study_results"])["study_run_id"]
@@ -191,12 +220,19 @@ def _decision(record: dict[str, Any], outputs: Path, params: Any) -> dict[str, A
         reasons = json.loads(tags.get(TAG_GATE_REASONS, "[]"))
     except ValueError:  # a reason list too long for one tag is cut; show it as it is
         reasons = [tags[TAG_GATE_REASONS]]
+    passed = tags.get(TAG_GATE_PASSED) == "true"
+    significance = None
+    if record.get("significance"):
+        report = Path(record["significance"])
+        report = report / SIGNIFICANCE_JSON if report.is_dir() else report
+        significance = json.loads(report.read_text()) if report.is_file() else None
     return {
         "study_run_id": study_run_id,
         "comparison": comparison.to_markdown(),
-        "gate_passed": tags.get(TAG_GATE_PASSED) == "true",
+        "gate_passed": passed,
         "gate_reasons": reasons,
         "registry": registry,
+        "next_steps": next_steps(passed, name, significance),
     }
 
 

@@ -568,6 +568,19 @@ def test_run_local_end_to_end(
         for item in client.list_artifacts(study.info.run_id, folder.path)
     }
     assert "registration gate passed" in printed and "challenger" in printed
+    assert 'uv run sermtl promote sermtl-ser --reason "' in printed  # the next command to try
+    assert "uv run sermtl serve -m models:/sermtl-ser@champion" in printed
+
+
+def test_refused_gate_explains_the_power_of_the_speaker_level_test() -> None:
+    from pipelines.run_local import next_steps
+
+    report = {"params": {"unit": "speaker", "alpha": 0.05}, "comparisons": [{"clusters": 10}] * 12}
+    lines = next_steps(False, "sermtl-ser", report)
+    assert lines[0].startswith("nothing was registered")
+    assert "2/2^10 = 0.0020" in lines[1] and "p <= 0.0042" in lines[1]
+    assert next_steps(False, "sermtl-ser", None) == lines[:1]
+    assert not any("promote" in line for line in lines)
 
 
 @pytest.mark.slow

@@ -214,6 +214,9 @@ class TrainParams:
     max_epochs: int = checked(30, at_least=1)
     # Epochs without a better validation score before stopping; 0 would stop before the first epoch.
     early_stopping_patience: int = checked(5, at_least=1)
+    # Largest gradient norm per step (0: no clipping). One bad batch can otherwise throw a small recurrent
+    # network back to predicting one class (seen on the demo at lr 1e-2), and early stopping keeps that.
+    grad_clip_norm: float = checked(1.0, at_least=0)
     # Every system alike: inverse-frequency class weights in the neural cross-entropy (sermtl.training)
     # and class_weight="balanced" in the eGeMAPS logistic regressions (sermtl.egemaps). UAR is the metric.
     class_balanced_loss: bool = True

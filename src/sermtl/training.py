@@ -404,6 +404,8 @@ class _NetworkTrainer:
             loss = multitask_loss(logits, labels, self.spec.tasks, self.loss_weights, self.class_weights)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if tp.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tp.grad_clip_norm)
             self.optimizer.step()
             total_loss += float(loss.detach()) * len(segments)
             total_rows += len(segments)
