@@ -43,8 +43,20 @@ TASK_OUTPUTS = {  # pipeline output -> (task, output) that produced it; for find
 RESULTS_COPY = "results.html"
 SIGNIFICANCE_COPY = "significance.html"
 COMPARISON_DIR = "comparison"
+# kfp.local's ParallelExecutor runs at most this many ParallelFor iterations at once (its fixed default).
+LOCAL_PARALLEL_TASKS = 2
 # Telemetry stays off in the task subprocesses, which inherit this process's environment.
 QUIET_ENV = {"GX_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+
+
+def task_threads() -> int:
+    """Threads per task for torch and the BLAS: the cores shared by the tasks kfp runs at once.
+
+    kfp's local runner runs LOCAL_PARALLEL_TASKS iterations of a ParallelFor at a time; each trainer
+    would otherwise start one thread per core, and oversubscribed small kernels run several times slower.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // LOCAL_PARALLEL_TASKS)
 
 
 def ensure_corpus(corpus_uri: str, params: Any) -> str:
@@ -264,6 +276,7 @@ def run_local(
     last_run = outputs / LAST_RUN_FILE
     for name, value in QUIET_ENV.items():
         os.environ.setdefault(name, value)
+    os.environ.setdefault("OMP_NUM_THREADS", str(task_threads()))
 
     local.init(
         runner=local.SubprocessRunner(use_venv=False),

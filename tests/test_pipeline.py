@@ -572,6 +572,15 @@ def test_run_local_end_to_end(
     assert "uv run sermtl serve -m models:/sermtl-ser@champion" in printed
 
 
+def test_local_tasks_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipelines.run_local as run_local_module
+
+    monkeypatch.setattr(run_local_module.os, "sched_getaffinity", lambda _: set(range(2)), raising=False)
+    assert run_local_module.task_threads() == 1  # two trainers at once on two cores: one thread each
+    monkeypatch.setattr(run_local_module.os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    assert run_local_module.task_threads() == 8
+
+
 def test_refused_gate_explains_the_power_of_the_speaker_level_test() -> None:
     from pipelines.run_local import next_steps
 
