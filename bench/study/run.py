@@ -3,7 +3,7 @@
 A scenario sets the effect settings of the generator (data.synth; sermtl.synth's docstring):
 - hypothesis: cues concentrated in a short sub-span (cue_span 0.3) and shared between the dimensions
   (cue_sharing 1.0): the paper's hypothesis holds by construction, so attention should beat mean pooling
-  and multi-task beat single-task;
+  and multi-task beat single-task. These are the committed data.synth settings (the `make run` corpus);
 - null: the hypothesis corpus with null_labels: labels independent of the audio, so every system's UAR
   should lie in chance's interval and the registration gate should fail;
 - spread: cues over the whole utterance (cue_span 1.0), dimensions independent (cue_sharing 0.0):
@@ -23,7 +23,7 @@ lines; kfp.local trains two (system, fold) items at a time) and each (system, fo
 seconds. The JSON result is printed at the end and written to the run's folder, beside the pipeline's
 log and outputs.
 
-    uv run python bench/study/run.py --scenario hypothesis [--utterances 1000] [--seeds 0 1 2]
+    uv run python bench/study/run.py --scenario hypothesis [--utterances 400] [--seeds 0 1 2]
         [--profile demo|paper] [--max-epochs N] [--seed 0]
 """
 
@@ -182,7 +182,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
-    parser.add_argument("--utterances", type=int, default=1000, help="corpus size (data.synth.utterances)")
+    parser.add_argument("--utterances", type=int, default=400, help="corpus size (data.synth.utterances)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (data.synth.seed)")
     parser.add_argument("--mean-duration", type=float, default=None, help="default: data.synth's")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="train.seeds (default: profile's)")
