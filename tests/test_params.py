@@ -171,6 +171,7 @@ RANGES = [
     ("registry.promotion.margin", -0.1, r"a number in \[0, 1\]"),
     ("registry.promotion.margin", 1.5, r"a number in \[0, 1\]"),
     ("registry.promotion.lock_timeout_s", -1, "a number >= 0"),
+    ("train.grad_clip_norm", -1.0, "a number >= 0"),
     ("serving.max_duration_s", 0, "a number > 0"),
     ("serving.max_total_duration_s", -1, "a number > 0"),
     ("serving.max_request_bytes", 0, "an integer >= 1"),

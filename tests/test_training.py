@@ -168,6 +168,35 @@ def test_determinism_two_runs_same_predictions(store, mtl_run, tmp_path):
     )
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_gradient_norm_is_clipped_at_train_grad_clip_norm(store, tmp_path, monkeypatch, clip):
+    norms_seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def recording(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        total = real(parameters, max_norm, *args, **kwargs)  # the norm before clipping
+        after = torch.norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        norms_seen.append((float(max_norm), float(total), float(after)))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    train_fold(
+        store,
+        "mtl_attention",
+        0,
+        tmp_path / "run",
+        tiny_params(max_epochs=1, grad_clip_norm=clip),
+        progress=False,
+    )
+    if clip == 0.0:
+        assert norms_seen == []  # 0 switches clipping off
+    else:
+        assert norms_seen and all(limit == clip for limit, _, _ in norms_seen)
+        assert all(after <= clip * 1.001 for _, _, after in norms_seen)
+        assert any(total > clip for _, total, _ in norms_seen), "the test should see a norm to clip"
+
+
 def test_single_task_mean_system(store, tmp_path):
     out = tmp_path / "stl_mean"
     metrics = train_fold(store, "stl_mean", 0, out, tiny_params(max_epochs=2), progress=False)
