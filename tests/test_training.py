@@ -197,6 +197,25 @@ def test_gradient_norm_is_clipped_at_train_grad_clip_norm(store, tmp_path, monke
         assert any(total > clip for _, total, _ in norms_seen), "the test should see a norm to clip"
 
 
+def test_cpu_threads_fix_the_result_whatever_the_callers_thread_count(store, tmp_path):
+    """train.cpu_threads, not the process's thread setting, decides how many threads train (and so the
+    float sums): a DAG task started with OMP_NUM_THREADS=1 and a hand run on all cores agree."""
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for caller_threads in (1, 2):
+            torch.set_num_threads(caller_threads)
+            out = tmp_path / f"caller{caller_threads}"
+            train_fold(
+                store, "mtl_attention", 0, out, tiny_params(max_epochs=1, cpu_threads=1), progress=False
+            )
+            assert torch.get_num_threads() == caller_threads  # restored afterwards
+            outputs.append(pd.read_parquet(out / PREDICTIONS_FILE))
+    finally:
+        torch.set_num_threads(before)
+    pd.testing.assert_frame_equal(outputs[0], outputs[1])
+
+
 def test_single_task_mean_system(store, tmp_path):
     out = tmp_path / "stl_mean"
     metrics = train_fold(store, "stl_mean", 0, out, tiny_params(max_epochs=2), progress=False)

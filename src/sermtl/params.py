@@ -226,6 +226,10 @@ class TrainParams:
         default_factory=lambda: [0, 1, 2], metadata=rule(at_least=0, min_items=1, distinct=True)
     )
     device: str = checked("auto", one_of=("auto", "cpu", "cuda"))
+    # Intra-op threads of a CPU training run. Fixed, because the thread count changes float reductions and
+    # so the trained weights: with it in params a fold trains bit-identically in the DAG (two tasks at once)
+    # and by hand. 0: torch's default (one per core; results then depend on the machine).
+    cpu_threads: int = checked(1, at_least=0)
     bf16: bool = True
     compile: bool = False
     num_workers: int = checked(0, at_least=0)

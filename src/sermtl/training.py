@@ -683,8 +683,11 @@ def train_fold(
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
+    threads_before = torch.get_num_threads()
     if torch_device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+        if params.train.cpu_threads > 0:
+            torch.set_num_threads(params.train.cpu_threads)
     try:
         for seed in seeds:
             _train_seed(
@@ -705,6 +708,7 @@ def train_fold(
         metrics = combine_seeds(out_dir, seeds, params, system_name, fingerprint)
     finally:
         torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])
+        torch.set_num_threads(threads_before)
     return metrics
 
 
