@@ -214,7 +214,7 @@ def _decision(record: dict[str, Any], outputs: Path, params: Any) -> dict[str, A
     from sermtl.compare import run_compare
     from sermtl.pipeline_runner import read_study
     from sermtl.registry import TAG_GATE_PASSED, TAG_GATE_REASONS, RegistryError, registry_state
-    from sermtl.schema import SIGNIFICANCE_JSON
+    from sermtl.significance import read_report
     from sermtl.tracking import client
 
     study_run_id = read_study(record["study_results"])["study_run_id"]
@@ -233,11 +233,7 @@ def _decision(record: dict[str, Any], outputs: Path, params: Any) -> dict[str, A
     except ValueError:  # a reason list too long for one tag is cut; show it as it is
         reasons = [tags[TAG_GATE_REASONS]]
     passed = tags.get(TAG_GATE_PASSED) == "true"
-    significance = None
-    if record.get("significance"):
-        report = Path(record["significance"])
-        report = report / SIGNIFICANCE_JSON if report.is_dir() else report
-        significance = json.loads(report.read_text()) if report.is_file() else None
+    significance = read_report(record["significance"]).to_dict() if record.get("significance") else None
     return {
         "study_run_id": study_run_id,
         "comparison": comparison.to_markdown(),

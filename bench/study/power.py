@@ -13,9 +13,10 @@ proposed system with probability 0.8 if the per-speaker differences were normal 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
+
+from sermtl.significance import read_report
 
 POWER = 0.8
 
@@ -29,15 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("significance", help="significance.json or the folder holding it")
     args = parser.parse_args(argv)
-    path = Path(args.significance)
-    report = json.loads((path / "significance.json" if path.is_dir() else path).read_text())
-    comparisons = report["comparisons"]
-    params = report["params"]
-    clusters = min(int(c.get("clusters") or 0) for c in comparisons)
-    alpha, family = float(params["alpha"]), len(comparisons)
+    report = read_report(Path(args.significance))
+    comparisons = report.comparisons
+    clusters = min(c.clusters for c in comparisons)
+    alpha, family = float(report.params["alpha"]), len(comparisons)
     ratio = needed_ratio(clusters)
     print(
-        f"unit {params['unit']}: {clusters} clusters; smallest possible p 2/2^{clusters} = "
+        f"unit {report.params['unit']}: {clusters} clusters; smallest possible p 2/2^{clusters} = "
         f"{2 / 2**clusters:.4f}; Holm's first threshold alpha/{family} = {alpha / family:.4f}; "
         f"all {clusters} positive with probability {POWER} needs mean/sd >= {ratio:.2f}"
         " (differences in UAR points)"
@@ -46,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     print("| " + " | ".join(header) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for c in comparisons:
-        diffs = [s["difference"] for s in c["speakers"]]
+        diffs = [s.difference for s in c.speakers]
         if len(diffs) < 2:
             continue
         mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
         positive = sum(d > 0 for d in diffs)
         print(
-            f"| {c['baseline']} | {c['dimension']} | {100 * c['difference']:+.1f} | {100 * mean:+.1f} | "
-            f"{100 * sd:.1f} | {positive}/{len(diffs)} | {c['p']['resampling']:.3f} | "
+            f"| {c.baseline} | {c.dimension} | {100 * c.difference:+.1f} | {100 * mean:+.1f} | "
+            f"{100 * sd:.1f} | {positive}/{len(diffs)} | {c.p['resampling']:.3f} | "
             f"{100 * ratio * sd:.0f} |"
         )
     return 0
