@@ -59,7 +59,8 @@ def test_unknown_profile_is_an_error():
     [
         (
             "data: {sample_rat: 16000}",
-            r"params.yaml: data.sample_rat: unknown key \(expected one of: corpus, ",
+            r"params.yaml: data.sample_rat: unknown key; did you mean `sample_rate`\? "
+            r"\(expected one of: corpus, ",
         ),
         ("data: {sample_rate: fast}", r"params.yaml: data.sample_rate: expected int, got 'fast'"),
         ("data: {sessions: 5}", r"params.yaml: data.sessions: expected a list"),
@@ -310,16 +311,25 @@ def test_fields_that_contradict_each_other(text, message):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("trian: {batch_size: 4}", r"trian: unknown section \(expected one of: profile, data, validation, "),
+        (
+            "trian: {batch_size: 4}",
+            r"trian: unknown section; did you mean `train`\? \(expected one of: profile, data, validation, ",
+        ),
         ("extra: {}", r"extra: unknown section"),
-        ("model: {loss_weights: {arousal: 1, valance: 2}}", r"model.loss_weights.valance: unknown key "),
+        (
+            "model: {loss_weights: {arousal: 1, valance: 2}}",
+            r"model.loss_weights.valance: unknown key; did you mean `valence`\? ",
+        ),
         (
             "eval: {dimensions: [arousal, valance]}",
             r"eval.dimensions\[1\]: must be one of valence, arousal, ",
         ),
         ("eval: {subsets: [all, improvized]}", r"eval.subsets\[1\]: must be one of all, improvised"),
         # A profile: its keys are named as written, whether it is selected or not.
-        ("profile: demo\nprofiles:\n  demo: {trian: {}}", r"profiles.demo.trian: unknown section \(expected"),
+        (
+            "profile: demo\nprofiles:\n  demo: {trian: {}}",
+            r"profiles.demo.trian: unknown section; did you mean `train`\? \(expected",
+        ),
         ("profile: paper\nprofiles:\n  demo: {trian: {}}", r"profiles.demo.trian: unknown section"),
         ("profiles:\n  fast: {train: {batchsize: 4}}", r"profiles.fast.train.batchsize: unknown key"),
         (
@@ -353,6 +363,21 @@ def test_fields_that_contradict_each_other(text, message):
     ],
 )
 def test_unknown_names_are_errors_in_the_base_and_in_every_profile(text, message):
+    with pytest.raises(ParamsError, match=rf"^params.yaml: {message}"):
+        params_from_yaml(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("trian: {max_epochs: 3}", r"trian: unknown section; did you mean `train`\? \(expected one of: "),
+        ("train: {learnig_rate: 0.1}", r"train.learnig_rate: unknown key; did you mean `learning_rate`\? "),
+        ("profiles:\n  demo: {modle: {}}", r"profiles.demo.modle: unknown section; did you mean `model`\? "),
+        ("profile: dmeo\nprofiles:\n  demo: {}", r"profile: unknown profile 'dmeo'; did you mean `demo`\? "),
+        ("train: {zzz: 1}", r"train.zzz: unknown key \(expected one of: "),  # nothing close: no guess
+    ],
+)
+def test_a_typo_names_the_closest_valid_name(text, message):
     with pytest.raises(ParamsError, match=rf"^params.yaml: {message}"):
         params_from_yaml(text)
 
@@ -401,7 +426,11 @@ BAD_FILES = {
         "train.batch_size: must be an integer >= 1 (got -4)",
     ),
     "thresholds": ("low_max: 2.0", "low_max: 4.5", "data.thresholds.low_max: must be below"),
-    "section": ("\ntrain:\n", "\ntrian:\n", "trian: unknown section (expected one of: profile, data, "),
+    "section": (
+        "\ntrain:\n",
+        "\ntrian:\n",
+        "trian: unknown section; did you mean `train`? (expected one of: profile, data, ",
+    ),
     "profile section": (
         "    train: {learning_rate",
         "    trian: {learning_rate",

@@ -426,7 +426,7 @@ def test_secret_name_can_be_left_out(tmp_path: Path) -> None:
         ),
         (
             "cluster: {steps: {trian: {cpu: '1'}}}",
-            r"cluster.steps.trian: unknown key \(expected one of: fingerprint, ",
+            r"cluster.steps.trian: unknown key; did you mean `train`\? \(expected one of: fingerprint, ",
         ),
         (
             "cluster: {steps: {train: {cpu: 4 cores}}}",

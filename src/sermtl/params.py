@@ -10,13 +10,14 @@ The sections as written (profile `paper`) and every profile merged over them are
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import math
 import operator
 import re
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,10 @@ class Rule:
             raise _Invalid(path, f"must list each item once (got {value!r})")
         for key in value if isinstance(value, dict) else ():
             if self.keys and key not in self.keys:
-                raise _Invalid(f"{path}.{key}", f"unknown key (expected one of: {', '.join(self.keys)})")
+                names = ", ".join(self.keys)
+                raise _Invalid(
+                    f"{path}.{key}", f"unknown key{did_you_mean(key, self.keys)} (expected one of: {names})"
+                )
             if self.key_pattern and not re.fullmatch(self.key_pattern[0], str(key)):
                 raise _Invalid(f"{path}.{key}", f"the key must be {self.key_pattern[1]} (got {key!r})")
 
@@ -573,6 +577,12 @@ REPLACED_KEYS = {
 }
 
 
+def did_you_mean(word: object, names: Iterable[object]) -> str:
+    """The hint "; did you mean `train`?" for a typo, or "" (cutoff 0.7: no `cpu` for `gpu`)."""
+    close = difflib.get_close_matches(str(word), [str(n) for n in names], n=1, cutoff=0.7)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
 def _known(raw: dict[str, Any], path: str, names: tuple[str, ...], noun: str) -> None:
     for key in raw:
         if key not in names:
@@ -580,7 +590,8 @@ def _known(raw: dict[str, Any], path: str, names: tuple[str, ...], noun: str) ->
             for old, instead in REPLACED_KEYS.items():
                 if where == old or where.endswith(f".{old}"):
                     raise _Invalid(where, f"no longer a key: {instead}")
-            raise _Invalid(where, f"unknown {noun} (expected one of: {', '.join(names)})")
+            hint = did_you_mean(key, names)
+            raise _Invalid(where, f"unknown {noun}{hint} (expected one of: {', '.join(names)})")
 
 
 def _field_default(cls: type, name: str) -> Any:
@@ -680,7 +691,8 @@ def _read(raw: Any) -> Params:
         return paper
     if selected not in merged:
         known = ", ".join(["paper", *map(str, merged)])
-        raise _Invalid("profile", f"unknown profile {selected!r} (expected one of: {known})")
+        hint = did_you_mean(selected, ["paper", *map(str, merged)])
+        raise _Invalid("profile", f"unknown profile {selected!r}{hint} (expected one of: {known})")
     return merged[selected]
 
 
