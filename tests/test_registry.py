@@ -27,7 +27,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sermtl import registry, serving, tracking
+from sermtl import model_logging, registry, tracking
 from sermtl.metrics import uar
 from sermtl.params import GateParams, Params
 from sermtl.results import load_runs
@@ -242,7 +242,7 @@ def constant_model_dir(tmp_path_factory) -> Path:
 
 
 def _stand_in_ensemble(model_dir: Path):
-    """Stand-in for sermtl.serving.log_ensemble_model: uploads a trivial pyfunc as a LoggedModel of the run
+    """Stand-in for model_logging.log_ensemble_model: uploads a trivial pyfunc as a LoggedModel of the run
     (the real one is exercised once, in the first registration test)."""
 
     def log_ensemble_model(train_dir, system, folds, params, *, run_id, tracking_uri=None):
@@ -261,9 +261,9 @@ def _stand_in_ensemble(model_dir: Path):
 
 @pytest.fixture
 def fake_serving(monkeypatch, constant_model_dir):
-    from sermtl import serving
+    from sermtl import model_logging
 
-    monkeypatch.setattr(serving, "log_ensemble_model", _stand_in_ensemble(constant_model_dir))
+    monkeypatch.setattr(model_logging, "log_ensemble_model", _stand_in_ensemble(constant_model_dir))
 
 
 @pytest.fixture
@@ -476,8 +476,8 @@ def test_forced_promotion_of_a_failed_gate_version_needs_a_reason(server, studie
     # a version registered by hand, its gate failed: no out-of-fold predictions either
     experiment = tracking.ensure_experiment("registry-tests")
     run = client.create_run(experiment, run_name="manual")
-    uri = serving.log_ensemble_model(None, PROPOSED, [], params, run_id=run.info.run_id)  # the stand-in
-    with tracking._fluent_tracking_uri(tracking.tracking_uri()):
+    uri = model_logging.log_ensemble_model(None, PROPOSED, [], params, run_id=run.info.run_id)  # the stand-in
+    with tracking.fluent_tracking_uri(tracking.tracking_uri()):
         manual = mlflow.register_model(
             uri,
             name,

@@ -23,7 +23,7 @@ import soundfile
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import ErrorCode
 
-from sermtl import serving, tracking
+from sermtl import model_logging, serving, tracking
 from sermtl.localstack import LOOPBACK, MlflowServer, free_port, mlflow_command, stop_process_group
 from sermtl.metrics import PROBABILITY_COLUMNS
 from sermtl.params import params_from_dict
@@ -465,7 +465,9 @@ def registered(mlflow_server, train_dir) -> dict:
     params = params_from_dict(TINY_PARAMS)
     parent = tracking.start_study("serving-study", params, experiment="sermtl-serving", tracking_uri=uri)
     started = time.monotonic()
-    model_uri = serving.log_ensemble_model(train_dir, SYSTEM, FOLDS, params, run_id=parent, tracking_uri=uri)
+    model_uri = model_logging.log_ensemble_model(
+        train_dir, SYSTEM, FOLDS, params, run_id=parent, tracking_uri=uri
+    )
     log_s = time.monotonic() - started
     version = tracking.register_model(model_uri, MODEL_NAME, alias="champion", tracking_uri=uri)
     return {"uri": uri, "parent": parent, "model_uri": model_uri, "version": version, "log_s": log_s}

@@ -508,7 +508,7 @@ class PromotionLock:
 
 
 def _client(tracking_uri: str | None) -> tuple[str, MlflowClient]:
-    uri = tracking._resolve(tracking_uri)
+    uri = tracking.resolve_uri(tracking_uri)
     return uri, tracking.client(uri)
 
 
@@ -679,7 +679,7 @@ def record_gate_decision(
     tags = {**_gate_tags(decision), TAG_REGISTERED_MODEL: name}
     if not decision.passed:
         tags[TAG_REGISTERED_VERSION] = "none"
-    tracking._log_tags(mlflow_client, study_run_id, tags)
+    tracking.log_tags(mlflow_client, study_run_id, tags)
     mlflow_client.log_text(study_run_id, json.dumps(record, indent=2) + "\n", ARTIFACT_STUDY_GATE)
     return record
 
@@ -762,9 +762,9 @@ def register_study_model(
     )
     run_id = run.info.run_id
     try:
-        from sermtl import serving
+        from sermtl import model_logging
 
-        model_uri = serving.log_ensemble_model(
+        model_uri = model_logging.log_ensemble_model(
             Path(train_dir), system, folds, params, run_id=run_id, tracking_uri=uri
         )
         with tempfile.TemporaryDirectory(prefix="sermtl-registration-") as tmp:
@@ -777,7 +777,7 @@ def register_study_model(
         mlflow_client.log_batch(
             run_id,
             metrics=[
-                Metric(f"pooled_uar_{key}", value, tracking._now_ms(), 0)
+                Metric(f"pooled_uar_{key}", value, tracking.now_ms(), 0)
                 for key, value in uars.items()
                 if math.isfinite(value)
             ],
@@ -810,13 +810,13 @@ def register_study_model(
                 mlflow_client.set_tag(run_id, "sermtl.registration.duplicate_of", str(existing.version))
                 version, reused = str(existing.version), True
             else:
-                with tracking._fluent_tracking_uri(uri):
+                with tracking.fluent_tracking_uri(uri):
                     registered = mlflow.register_model(model_uri, name, tags=version_tags)
                 version, reused = str(registered.version), False
                 mlflow_client.set_registered_model_alias(name, CHALLENGER, version)
         mlflow_client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
-        tracking._mark_failed(mlflow_client, run_id, exc)
+        tracking.mark_failed(mlflow_client, run_id, exc)
         raise
     mlflow_client.set_tag(study_run_id, TAG_REGISTERED_VERSION, version)
     return RegistrationResult(name, version, decision, model_uri, run_id, reused)

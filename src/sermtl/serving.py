@@ -64,12 +64,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import io
 import json
 import math
 import numbers
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -767,67 +765,3 @@ def ensemble_members(
         ),
     }
     return members, config
-
-
-def log_ensemble_model(
-    train_dir: Path,
-    system: str,
-    folds: list[int] | int,
-    params: Params,
-    *,
-    run_id: str,
-    tracking_uri: str | None = None,
-) -> str:
-    """Log the ensemble of `system`'s fold (and seed) networks as a pyfunc into the existing run `run_id` (a
-    LoggedModel named "ensemble" linked to it); returns its `models:/m-<id>` URI, ready for
-    `tracking.register_model`. The run keeps its status (e.g. a study's parent run stays RUNNING)."""
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-
-    from sermtl import tracking
-
-    members, config = ensemble_members(train_dir, system, folds, params)
-    uri = tracking._resolve(tracking_uri)
-    mlflow_client = tracking.client(uri)
-    run = mlflow_client.get_run(run_id)
-    # The LoggedModel is created here and linked to the run as an output, instead of logging inside
-    # `mlflow.start_run(run_id)`, whose exit would mark the run FINISHED (a study's parent is RUNNING).
-    logged = mlflow_client.create_logged_model(
-        run.info.experiment_id,
-        name=ENSEMBLE_MODEL_NAME,
-        source_run_id=run_id,
-        tags={tracking.TAG_SYSTEM: system, tracking.TAG_KIND: "ensemble"},
-        params={"system": system, "folds": json.dumps(config["folds"])},
-    )
-    try:
-        with tempfile.TemporaryDirectory(prefix="sermtl-serving-") as tmp:
-            config_path = Path(tmp) / SERVING_CONFIG_FILE
-            config_path.write_text(json.dumps(config, indent=2) + "\n")
-            artifacts = {fold_artifact(k): str(path) for k, path in members.items()}
-            artifacts[CONFIG_ARTIFACT] = str(config_path)
-            with tracking._fluent_tracking_uri(uri):
-                info = mlflow.pyfunc.log_model(
-                    name=ENSEMBLE_MODEL_NAME,
-                    model_id=logged.model_id,
-                    python_model=SerEnsemblePyfunc(),
-                    artifacts=artifacts,
-                    signature=serving_signature(config["dimensions"], config["return_attention"]),
-                    input_example=example_waveform(config["sample_rate"]),
-                    metadata={
-                        "sermtl.kind": "neural",
-                        "sermtl.system": system,
-                        "sermtl.folds": config["folds"],
-                        "sermtl.seeds": config["seeds"],
-                        "sermtl.dimensions": config["dimensions"],
-                        "sermtl.sample_rate": config["sample_rate"],
-                        "sermtl.ensemble": config["ensemble"],
-                        "sermtl.limits": {key: config[key] for key in LIMIT_KEYS},
-                    },
-                    **tracking.model_packaging("neural"),
-                )
-    except BaseException:
-        # log_model marks it FAILED itself once it has started; a dead server must not cost a second budget.
-        with contextlib.suppress(Exception), tracking.quick_requests():
-            mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-        raise
-    mlflow_client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    return info.model_uri

@@ -104,7 +104,7 @@ def tracking_uri() -> str:
     return f"sqlite:///{(Path.cwd() / LOCAL_STORE_DIR / LOCAL_DB_FILE).resolve()}"
 
 
-def _resolve(uri: str | None) -> str:
+def resolve_uri(uri: str | None) -> str:
     return uri or tracking_uri()
 
 
@@ -128,7 +128,7 @@ def client(uri: str | None = None) -> MlflowClient:
 
 def ensure_experiment(name: str, *, tracking_uri: str | None = None) -> str:
     """Experiment id of `name`, created (or restored if deleted) with an explicit artifact root if local."""
-    uri = _resolve(tracking_uri)
+    uri = resolve_uri(tracking_uri)
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
@@ -146,7 +146,7 @@ def ensure_experiment(name: str, *, tracking_uri: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
     """Point fluent MLflow calls at `uri` for a moment, then restore both the global and the env var."""
     from mlflow.tracking._tracking_service import utils as service_utils
 
@@ -327,7 +327,7 @@ def mlflow_service(
     - turns an MLflow failure to reach the server into ServiceUnreachable("MLflow", uri, why), one line
       with the credentials removed (the original exception is not chained: its text holds the URL).
     """
-    uri = _resolve(tracking_uri)
+    uri = resolve_uri(tracking_uri)
     if budget_s is None:
         budget_s = (params.tracking if params is not None else TrackingParams()).retry_budget_s
     policy = retry_policy(budget_s)
@@ -352,7 +352,7 @@ def mlflow_service(
         ) from None
 
 
-def _mark_failed(mlflow_client: MlflowClient, run_id: str, error: BaseException | None = None) -> bool:
+def mark_failed(mlflow_client: MlflowClient, run_id: str, error: BaseException | None = None) -> bool:
     """Best effort, quickly: `run_id` FAILED, the error (credentials removed) in its sermtl.failure tag.
     Never raises (the error being handled is what the caller re-raises); a run that cannot be marked is
     remembered for fail_orphaned_runs."""
@@ -516,13 +516,13 @@ def _log_metrics(mlflow_client: MlflowClient, run_id: str, metrics: list[Metric]
         mlflow_client.log_batch(run_id, metrics=metrics[start : start + METRICS_PER_BATCH])
 
 
-def _log_tags(mlflow_client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+def log_tags(mlflow_client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
     items = [RunTag(_safe_key(k), _tag_text(v)) for k, v in tags.items() if v is not None]
     for start in range(0, len(items), PARAMS_PER_BATCH):
         mlflow_client.log_batch(run_id, tags=items[start : start + PARAMS_PER_BATCH])
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)
 
 
@@ -545,7 +545,7 @@ def start_study(
     makes the study reproducible: git commit, data version (DVC md5 or ingest fingerprint: the caller
     knows which), pipeline run ($KFP_RUN_ID) and params profile; `tags` may add to or override them.
     """
-    uri = _resolve(tracking_uri)
+    uri = resolve_uri(tracking_uri)
     experiment_id = ensure_experiment(
         experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT, tracking_uri=uri
     )
@@ -575,7 +575,7 @@ def start_study(
     try:
         _log_params(mlflow_client, run.info.run_id, flatten(params))
     except BaseException as exc:
-        _mark_failed(mlflow_client, run.info.run_id, exc)
+        mark_failed(mlflow_client, run.info.run_id, exc)
         raise
     return run.info.run_id
 
@@ -610,7 +610,7 @@ def log_study_results(
         (folder / "results.json").write_text(table.to_json(orient="records", indent=2) + "\n")
         mlflow_client.log_artifacts(parent_run_id, str(folder), "results")
     metrics: list[Metric] = []
-    stamp = _now_ms()
+    stamp = now_ms()
     renames = {
         "pooled_uar": "pooled",
         "fold_uar_mean": "fold_mean",
@@ -669,7 +669,7 @@ def _run_identity(run_dir: Path, fold_metrics: dict[str, Any]) -> tuple[str, int
 
 
 def _history_metrics(history: list[dict[str, Any]]) -> list[Metric]:
-    stamp = _now_ms()
+    stamp = now_ms()
     metrics = []
     for index, entry in enumerate(history):
         epoch = _number(entry.get("epoch"))
@@ -744,7 +744,7 @@ def log_fold_run(
     system, fold = _run_identity(run_dir, fold_metrics)
     kind = str(fold_metrics.get("kind", ""))
     name = f"{system}/fold{fold}"
-    uri = _resolve(tracking_uri)
+    uri = resolve_uri(tracking_uri)
     mlflow_client = client(uri)
     parent = mlflow_client.get_run(parent_run_id)
     experiment_id = parent.info.experiment_id
@@ -780,7 +780,7 @@ def log_fold_run(
         _log_params(mlflow_client, run_id, params)
 
         metrics = _history_metrics(history or [])
-        stamp = _now_ms()
+        stamp = now_ms()
         final = _final_metrics(fold_metrics, predictions, {m.key for m in metrics})
         metrics += [Metric(k, v, stamp, 0) for k, v in final.items()]
         _log_metrics(mlflow_client, run_id, metrics)
@@ -806,7 +806,7 @@ def log_fold_run(
             mlflow_client.set_tag(run_id, TAG_MODEL_URI, model_uri)
         mlflow_client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
-        _mark_failed(mlflow_client, run_id, exc)
+        mark_failed(mlflow_client, run_id, exc)
         raise
     return run_id
 
@@ -1041,7 +1041,7 @@ def model_packaging(kind: str) -> dict[str, Any]:
 
 def _log_model(uri: str, run_id: str, model_dir: Path, kind: str, dimensions: list[str]) -> str:
     """Log the pyfunc inside the child run (MLflow 3 makes it a LoggedModel linked to the run)."""
-    with _fluent_tracking_uri(uri), warnings.catch_warnings():
+    with fluent_tracking_uri(uri), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         mlflow.start_run(run_id=run_id)
         try:
@@ -1067,8 +1067,8 @@ def register_model(
 ) -> str:
     """Register a fold's logged model (`models:/m-...`) as a new version of `name`; optionally alias it
     (aliases such as `champion` replace the removed stages). Returns the version."""
-    uri = _resolve(tracking_uri)
-    with _fluent_tracking_uri(uri):
+    uri = resolve_uri(tracking_uri)
+    with fluent_tracking_uri(uri):
         version = mlflow.register_model(model_uri, name)
     if alias:
         client(uri).set_registered_model_alias(name, alias, version.version)
@@ -1124,6 +1124,6 @@ def track_study(
         )
         end_study(parent, tracking_uri=tracking_uri)
     except BaseException as exc:
-        _mark_failed(client(tracking_uri), parent, exc)
+        mark_failed(client(tracking_uri), parent, exc)
         raise
     return parent
