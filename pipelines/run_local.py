@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `components` and `pipelines` are top-level packages of the repo
-    sys.path.insert(0, str(REPO_ROOT))
 
 LAST_RUN_FILE = "last_run.json"
 # KFP names an output file after the output ("validation_report", no suffix); browsers want ".html".

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.abc
 import os
 import re
 import socket
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -244,33 +246,42 @@ def test_compile_refuses_broken_params(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_compile_without_pipelines_on_path_says_where_to_run(
+def test_compile_without_the_pipeline_package_says_how_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = Path(__file__).resolve().parents[1]
+    """pipelines/ and components/ install with sermtl; an install that lacks them is told how to get them."""
+
+    class Missing(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "pipelines":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
     for name in [m for m in sys.modules if m.split(".")[0] in ("pipelines", "components")]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(
-        sys, "path", [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != root]
-    )
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(kfp_client, "_source_roots", lambda: (tmp_path,))
-    with pytest.raises(KfpError, match="run from the repository root"):
+    monkeypatch.setattr(sys, "meta_path", [Missing(), *sys.meta_path])
+    with pytest.raises(KfpError, match=r"install sermtl from its repository .*pipelines/ and components/"):
         compile_version(tmp_path / "out", GOLDEN_PARAMS, version="sermtl-x")
+    assert not (tmp_path / "out").exists()
 
 
-def test_compile_from_another_directory_finds_the_checkout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    root = Path(__file__).resolve().parents[1]
-    for name in [m for m in sys.modules if m.split(".")[0] in ("pipelines", "components")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(
-        sys, "path", [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != root]
+def test_compile_from_another_directory_finds_the_installed_pipeline(tmp_path: Path) -> None:
+    """Another cwd, no PYTHONPATH, no script folder on sys.path (-P): what the install provides suffices."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = (
+        "import sys; from pathlib import Path; from sermtl.kfp_client import compile_version; "
+        "v = compile_version(Path('out'), Path(sys.argv[1]), version='sermtl-elsewhere'); "
+        "print(v.pipeline_path.is_file(), __import__('pipelines').__file__)"
     )
-    monkeypatch.chdir(tmp_path)
-    version = compile_version(tmp_path / "out", GOLDEN_PARAMS, version="sermtl-elsewhere")
-    assert version.pipeline_path.is_file()
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", code, str(GOLDEN_PARAMS)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("True ")
 
 
 # --- parameters and cron ------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import re
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -149,27 +148,17 @@ class CompiledVersion:
         return dict(root.get("inputDefinitions", {}).get("parameters", {}))
 
 
-def _source_roots() -> tuple[Path, ...]:
-    """Where pipelines/ may be when it is not importable: the cwd, the checkout holding src/sermtl/."""
-    return (Path.cwd(), Path(__file__).resolve().parents[2])
-
-
 def _import_pipeline_module():
-    """pipelines/sermtl_pipeline.py lives at the repository root, outside the installed package."""
+    """pipelines/ and components/ install with the library (pyproject's wheel packages)."""
     try:
         return importlib.import_module(PIPELINE_MODULE)
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in ("pipelines", "components"):
             raise  # a real missing dependency of the pipeline: let it say which
-        missing = exc
-    for root in _source_roots():
-        if (root / "pipelines" / "sermtl_pipeline.py").is_file() and (root / "components").is_dir():
-            sys.path.insert(0, str(root))
-            return importlib.import_module(PIPELINE_MODULE)
-    raise KfpError(
-        f"cannot import the pipeline definition {PIPELINE_MODULE} ({missing}): run from the repository "
-        "root (the folder holding pipelines/ and components/) or put it on PYTHONPATH"
-    ) from missing
+        raise KfpError(
+            f"cannot import the pipeline definition {PIPELINE_MODULE} ({exc}): install sermtl from its "
+            "repository (`uv sync`, `pip install .`), which installs pipelines/ and components/ with it"
+        ) from exc
 
 
 @contextlib.contextmanager
