@@ -209,3 +209,15 @@ def test_background_collation_gives_the_same_batches():
     assert len(plain) == len(threaded) == 5
     for a, b in zip(plain, threaded, strict=True):
         assert torch.equal(a.waveform, b.waveform) and a.segments == b.segments
+
+
+def test_frame_log_and_frame_norm_are_set_from_params():
+    """model.frame_log / frame_norm in params.yaml reach the network: false/false is the plain front end."""
+    plain = ModelConfig.from_params(
+        params_from_dict({"model": {"frame_log": False, "frame_norm": False}}), ["arousal"], "attention"
+    )
+    assert (plain.frame_log, plain.frame_norm) == (False, False)
+    encoder = build_model(plain).encoder
+    assert encoder.log is False and encoder.norm is None
+    default = ModelConfig.from_params(params_from_dict({}), ["arousal"], "attention")
+    assert (default.frame_log, default.frame_norm) == (True, True)

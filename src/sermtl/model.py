@@ -87,8 +87,8 @@ class ModelConfig:
             rnn_layers=params.model.rnn_layers,
             dropout=params.model.dropout,
             pooling=pooling,
-            frame_log=bool(getattr(params.model, "frame_log", True)),
-            frame_norm=bool(getattr(params.model, "frame_norm", True)),
+            frame_log=params.model.frame_log,
+            frame_norm=params.model.frame_norm,
         )
 
     def to_dict(self) -> dict[str, Any]:

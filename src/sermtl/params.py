@@ -203,6 +203,9 @@ class ModelParams:
     rnn_hidden: int = checked(128, at_least=1)
     rnn_layers: int = checked(2, at_least=1)
     dropout: float = checked(0.0, at_least=0.0, below=1.0)
+    # Not in the reference front end: log-compress and batch-normalise each frame's vector (model.py).
+    frame_log: bool = True
+    frame_norm: bool = True
     # Per dimension; a dimension left out weighs 1.0.
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {"arousal": 1.0, "valence": 1.0, "dominance": 1.0},
