@@ -333,3 +333,23 @@ def test_atomic_write_text_under_a_file_is_a_clear_error(tmp_path):
     with pytest.raises(OutputFolderError, match="cannot create the output folder"):
         atomic_write_text(tmp_path / "file" / "report.md", "text")
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    """The one atomic-write helper: a writer that dies half-way leaves the previous file and no temporary."""
+    from sermtl.fsutil import atomic_write
+
+    target = tmp_path / "table.parquet"
+    target.write_text("previous")
+
+    def dies_half_way(tmp):
+        assert tmp.suffix == ".parquet" and tmp.parent == tmp_path  # writers that go by the suffix still do
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        atomic_write(target, dies_half_way)
+    assert target.read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.parquet"]
+    atomic_write(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["table.parquet"]

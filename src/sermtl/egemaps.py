@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -43,7 +41,7 @@ from tqdm import tqdm
 
 from sermtl.audio import AudioStore
 from sermtl.folds import leave_one_session_out
-from sermtl.fsutil import atomic_directory, check_output_dir, write_json
+from sermtl.fsutil import atomic_directory, atomic_write, check_output_dir, write_json
 from sermtl.metrics import PREDICTION_COLUMNS, PROBABILITY_COLUMNS, evaluate_predictions, uar
 from sermtl.parallel import worker_count
 from sermtl.params import Params
@@ -250,14 +248,7 @@ def _cached_features(
             if count
         },
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        features.to_parquet(tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
+    atomic_write(path, features.to_parquet)
     write_json(path.with_suffix(".json"), sidecar)
     return features, path
 

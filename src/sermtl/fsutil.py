@@ -14,7 +14,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,7 +298,9 @@ def replace_directory(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, produce: Callable[[Path], object]) -> None:
+    """The one way a file is written: produce(tmp) writes a sibling temporary file (same suffix, so writers
+    that go by it still do), which then replaces `path` in one rename; a failure leaves `path` untouched."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -306,12 +308,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise OutputFolderError(
             path.parent, f"cannot create the output folder ({exc.strerror or exc})"
         ) from exc
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
-        tmp.write_text(text)
+        produce(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, payload: Any) -> None:

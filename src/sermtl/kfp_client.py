@@ -35,6 +35,7 @@ import yaml
 
 from sermtl import gitinfo
 from sermtl.errors import redact_text, redact_uri
+from sermtl.fsutil import atomic_write
 from sermtl.params import DEFAULT_PARAMS_PATH, ParamsError, load_params
 
 PACKAGE = "sermtl"
@@ -224,16 +225,6 @@ def _repair_header(path: Path, pipeline_func: Any, parameters: Mapping[str, Any]
         raise KfpError(f"{path}: the compiled pipeline is not valid YAML ({exc})") from exc
 
 
-def _write_atomically(target: Path, produce) -> None:
-    """produce(tmp_path) writes the file; it replaces `target` only once complete."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{target.suffix}")
-    try:
-        produce(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def compile_version(
     out_dir: str | Path = DEFAULT_OUT_DIR,
     params_path: str | Path = DEFAULT_PARAMS_PATH,
@@ -299,8 +290,8 @@ def compile_version(
 
     try:
         with standard_yaml_dumpers():
-            _write_atomically(pipeline_path, write_ir)
-            _write_atomically(manifests_path, write_manifests)
+            atomic_write(pipeline_path, write_ir)
+            atomic_write(manifests_path, write_manifests)
     except ValueError as exc:  # e.g. the pipeline lost its params_yaml parameter
         raise KfpError(f"compiling {PIPELINE_MODULE} failed: {exc}") from exc
     describe = f"{PACKAGE} {package_version()}, commit {commit or 'unknown'}{' (dirty)' if dirty else ''}"

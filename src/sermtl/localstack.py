@@ -744,9 +744,9 @@ class LocalStack:
     def _write_state(self, state: dict) -> None:
         import json
 
-        staging = self.state_path.with_suffix(".json.tmp")
-        staging.write_text(json.dumps(state, indent=2) + "\n")
-        staging.replace(self.state_path)
+        from sermtl.fsutil import atomic_write_text
+
+        atomic_write_text(self.state_path, json.dumps(state, indent=2) + "\n")
 
     # --- ports and state ---
 

@@ -85,7 +85,14 @@ from sermtl.batching import (
     training_batches,
 )
 from sermtl.folds import Fold, leave_one_session_out
-from sermtl.fsutil import atomic_directory, check_output_dir, read_marker, write_json, write_marker
+from sermtl.fsutil import (
+    atomic_directory,
+    atomic_write,
+    check_output_dir,
+    read_marker,
+    write_json,
+    write_marker,
+)
 from sermtl.metrics import (
     PREDICTION_COLUMNS,
     PROBABILITY_COLUMNS,
@@ -524,12 +531,7 @@ def _check_request(params: Any, system_name: str, fold_index: int) -> Any:
 
 
 def _atomic_torch_save(payload: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -578,22 +580,11 @@ def _prediction_table(
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def _write_npz(arrays: dict[str, np.ndarray], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def _write_model_dir(
