@@ -67,7 +67,7 @@ def ensure_corpus(corpus_uri: str, params: Any) -> str:
         return corpus_uri
     path = Path(corpus_uri).expanduser().resolve()
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        from sermtl.synth import synthesize
+        from sermtl.data.synth import synthesize
 
         synth = params.data.synth
         print(f"corpus {path} not found: generating a synthetic corpus ({synth.utterances} utterances)")
@@ -209,11 +209,11 @@ def next_steps(gate_passed: bool, model_name: str, significance: dict[str, Any] 
 
 def _decision(record: dict[str, Any], outputs: Path, params: Any) -> dict[str, Any]:
     """The study as MLflow holds it after the run: comparison table, gate outcome, registry state."""
-    from sermtl.compare import run_compare
+    from sermtl.evaluate.compare import run_compare
+    from sermtl.evaluate.significance import read_report
+    from sermtl.mlops.registry import TAG_GATE_PASSED, TAG_GATE_REASONS, RegistryError, registry_state
+    from sermtl.mlops.tracking import client
     from sermtl.pipeline_runner import read_study
-    from sermtl.registry import TAG_GATE_PASSED, TAG_GATE_REASONS, RegistryError, registry_state
-    from sermtl.significance import read_report
-    from sermtl.tracking import client
 
     study_run_id = read_study(record["study_results"])["study_run_id"]
     if not study_run_id:

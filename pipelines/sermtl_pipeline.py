@@ -261,7 +261,7 @@ def compile_pipeline(path: str | Path, cluster: ClusterParams | None = None) -> 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from sermtl.kfp_client import standard_yaml_dumpers
+    from sermtl.mlops.kfp_client import standard_yaml_dumpers
 
     pipeline = sermtl_pipeline if cluster is None else build_pipeline(cluster)
     with standard_yaml_dumpers():

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from sermtl.corpus import parse_utterance_id, wav_path_for
+from sermtl.data.corpus import parse_utterance_id, wav_path_for
 
 HEADER = "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n"
 

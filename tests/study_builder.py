@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sermtl.metrics import PREDICTION_COLUMNS, evaluate_predictions
+from sermtl.evaluate.metrics import PREDICTION_COLUMNS, evaluate_predictions
 from sermtl.params import Params
 from sermtl.schema import DIMENSIONS, PREDICTIONS_FILE, RUN_METRICS_FILE
 

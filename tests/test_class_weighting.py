@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from sermtl import training
-from sermtl.folds import leave_one_session_out
-from sermtl.ingest import ingest
+from sermtl.data.folds import leave_one_session_out
+from sermtl.data.ingest import ingest
+from sermtl.data.synth import synthesize
 from sermtl.params import load_params, params_from_dict, params_from_yaml
 from sermtl.schema import MANIFEST_FILE
-from sermtl.synth import synthesize
+from sermtl.train import training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {

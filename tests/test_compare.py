@@ -1,6 +1,6 @@
 """`sermtl compare` against a real `mlflow server` (sqlite backend, artifacts in a folder) on loopback.
 
-Studies are fabricated with tests/study_builder.py and logged by sermtl.tracking.track_study, then read
+Studies are fabricated with tests/study_builder.py and logged by sermtl.mlops.tracking.track_study, then read
 back only through MLflow; expected values are computed here from the same prediction files.
 """
 
@@ -16,9 +16,8 @@ import pytest
 from study_builder import write_study
 from typer.testing import CliRunner
 
-from sermtl import tracking
 from sermtl.cli import app
-from sermtl.compare import (
+from sermtl.evaluate.compare import (
     MARK_ABOVE,
     MARK_BELOW,
     CompareError,
@@ -27,12 +26,13 @@ from sermtl.compare import (
     find_study,
     log_significance,
 )
+from sermtl.evaluate.metrics import uar
+from sermtl.evaluate.results import collect_results
+from sermtl.evaluate.significance import decisive, significance_tests, write_report
 from sermtl.localstack import MlflowServer
-from sermtl.metrics import uar
+from sermtl.mlops import tracking
 from sermtl.params import Params
-from sermtl.results import collect_results
 from sermtl.schema import PREDICTIONS_FILE
-from sermtl.significance import decisive, significance_tests, write_report
 
 pytestmark = pytest.mark.slow
 

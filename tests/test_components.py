@@ -41,7 +41,7 @@ def tiny_params_yaml(corpus: Path, **data_overrides: object) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sermtl.synth import synthesize
+    from sermtl.data.synth import synthesize
 
     corpus = tmp_path_factory.mktemp("corpus") / "IEMOCAP_full_release"
     synthesize(corpus, utterances=TINY_UTTERANCES, seed=0, mean_duration_s=TINY_MEAN_DURATION_S)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sermtl.corpus import (
+from sermtl.data.corpus import (
     classify_files,
     is_hidden,
     parse_emo_evaluation,
@@ -12,8 +12,8 @@ from sermtl.corpus import (
     to_class,
     wav_path_for,
 )
+from sermtl.data.sources import CorpusError, SourceFile
 from sermtl.params import Thresholds
-from sermtl.sources import CorpusError, SourceFile
 
 FILE = "Session1/dialog/EmoEvaluation/Ses01F_impro01.txt"
 TABLE = "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n"
@@ -124,7 +124,7 @@ def test_class_thresholds_low_le_2_high_ge_4():
     "key", ["../Session1/x.wav", "/etc/passwd", "Session1/../../x.wav", "Session1//x.wav"]
 )
 def test_s3_keys_escaping_the_prefix_are_refused(key):
-    from sermtl.sources import _check_relative
+    from sermtl.data.sources import _check_relative
 
     with pytest.raises(CorpusError, match="escapes or is not normalised"):
         _check_relative(key, "s3://bucket/corpus")

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sermtl.data.synth import synthesize
 from sermtl.params import params_from_dict
-from sermtl.synth import synthesize
-from sermtl.training import train_fold
+from sermtl.train.training import train_fold
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,5 +141,5 @@ def test_every_stage_lists_the_library_code_it_runs(workspace: Path):
     problems = {stage: missing for stage, missing in problems.items() if missing}
     assert not problems, f"dvc.yaml stages run library modules their deps do not list: {problems}"
     # The measurement sees what a stage imports lazily (training imports the eGeMAPS code only for it).
-    assert ROOT.resolve() / "src/sermtl/egemaps.py" in loaded["train"]
-    assert ROOT.resolve() / "src/sermtl/egemaps.py" not in loaded["ingest"]
+    assert ROOT.resolve() / "src/sermtl/model/egemaps.py" in loaded["train"]
+    assert ROOT.resolve() / "src/sermtl/model/egemaps.py" not in loaded["ingest"]

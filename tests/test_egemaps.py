@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sermtl import egemaps
-from sermtl.audio import AudioStore, audio_checksum
-from sermtl.folds import leave_one_session_out
-from sermtl.ingest import ingest
-from sermtl.metrics import PREDICTION_COLUMNS, evaluate_predictions
+from sermtl.data.audio import AudioStore, audio_checksum
+from sermtl.data.folds import leave_one_session_out
+from sermtl.data.ingest import ingest
+from sermtl.data.synth import synthesize
+from sermtl.evaluate.metrics import PREDICTION_COLUMNS, evaluate_predictions
+from sermtl.model import egemaps
 from sermtl.params import Params, SystemParams
 from sermtl.schema import (
     AUDIO_FILE,
@@ -28,7 +29,6 @@ from sermtl.schema import (
     RUN_METRICS_FILE,
     STORE_META_FILE,
 )
-from sermtl.synth import synthesize
 
 PARAMS = Params()
 
@@ -199,7 +199,7 @@ def test_saved_model_reproduces_the_predictions(tiny_store, tiny_features, fold0
 
 def test_predictor_from_the_model_dir_matches_the_predictions(tiny_store, fold0):
     """What the logged pyfunc loads (training.load_predictor dispatches on the model file)."""
-    from sermtl.training import load_predictor
+    from sermtl.train.training import load_predictor
 
     out, _ = fold0
     predictor = load_predictor(out / MODEL_DIR)
@@ -275,7 +275,7 @@ def test_classifier_is_class_balanced_iff_the_switch_is_on():
 
 
 def test_train_fold_follows_the_switch_and_refits_when_it_changes(tiny_store, tiny_features, tmp_path):
-    from sermtl.training import train_fold
+    from sermtl.train.training import train_fold
 
     out = tmp_path / "egemaps_linear" / "fold0"
     for balanced, expected in ((True, "balanced"), (False, None), (True, "balanced")):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from sermtl.folds import leave_one_session_out
+from sermtl.data.folds import leave_one_session_out
 
 
 def manifest(per_speaker: int = 4) -> pd.DataFrame:

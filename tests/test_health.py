@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from sermtl.health import best_epochs, to_markdown, training_health
+from sermtl.evaluate.health import best_epochs, to_markdown, training_health
 
 
 def predictions(system: str, fold: int, per_dimension: dict[str, list[int]]) -> pd.DataFrame:

@@ -13,11 +13,11 @@ import pytest
 import soundfile as sf
 from corpus_builder import balanced_utts, build_corpus
 
-from sermtl.audio import AudioStore
-from sermtl.ingest import ingest
+from sermtl.data.audio import AudioStore
+from sermtl.data.ingest import ingest
+from sermtl.data.sources import CorpusError
 from sermtl.params import Params
 from sermtl.schema import MANIFEST_COLUMNS, MANIFEST_FILE, REPORT_FILE
-from sermtl.sources import CorpusError
 
 LENIENT = Params(data=dataclasses.replace(Params().data, max_drop_fraction=1.0))
 WAV = "Session1/sentences/wav/Ses01F_impro01/Ses01F_impro01_{}.wav"
@@ -233,7 +233,7 @@ def test_float_wav_with_nan_is_kept_with_its_nonfinite_count(corpus, tmp_path):
 
 
 def test_pcm16_stats_match_float_computation(corpus, tmp_path):
-    from sermtl.audio import audio_stats, decode_wav
+    from sermtl.data.audio import audio_stats, decode_wav
 
     decoded = decode_wav((corpus / WAV.format("F000")).read_bytes())
     assert decoded.samples.dtype == np.int16

@@ -18,14 +18,14 @@ import pytest
 from corpus_builder import Utt, build_corpus
 from typer.testing import CliRunner
 
-from sermtl.audio import AudioStore, CorruptStoreError
 from sermtl.cli import app
+from sermtl.data.audio import AudioStore, CorruptStoreError
+from sermtl.data.ingest import ingest
+from sermtl.data.sources import CorpusError, S3Source
+from sermtl.data.validate import validate
 from sermtl.errors import EXIT_UNREACHABLE, ServiceUnreachable
-from sermtl.ingest import ingest
 from sermtl.params import Params
 from sermtl.schema import AUDIO_FILE, REPORT_FILE, STORE_META_FILE
-from sermtl.sources import CorpusError, S3Source
-from sermtl.validation import validate
 
 LEVELS = (1.5, 3.0, 4.5)
 

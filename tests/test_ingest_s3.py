@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from corpus_builder import balanced_utts, build_corpus
 
-from sermtl.audio import AudioStore
-from sermtl.ingest import ingest
+from sermtl.data.audio import AudioStore
+from sermtl.data.ingest import ingest
+from sermtl.data.sources import CorpusError
 from sermtl.params import Params
 from sermtl.schema import MANIFEST_FILE
-from sermtl.sources import CorpusError
 
 pytestmark = pytest.mark.slow
 

@@ -27,9 +27,9 @@ import yaml
 from fake_kfp_server import API, FakeKfpServer
 from typer.testing import CliRunner
 
-from sermtl import kfp_client
 from sermtl.cli import app
-from sermtl.kfp_client import (
+from sermtl.mlops import kfp_client
+from sermtl.mlops.kfp_client import (
     KfpError,
     compile_version,
     normalize_cron,
@@ -269,7 +269,7 @@ def test_compile_from_another_directory_finds_the_installed_pipeline(tmp_path: P
     """Another cwd, no PYTHONPATH, no script folder on sys.path (-P): what the install provides suffices."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = (
-        "import sys; from pathlib import Path; from sermtl.kfp_client import compile_version; "
+        "import sys; from pathlib import Path; from sermtl.mlops.kfp_client import compile_version; "
         "v = compile_version(Path('out'), Path(sys.argv[1]), version='sermtl-elsewhere'); "
         "print(v.pipeline_path.is_file(), __import__('pipelines').__file__)"
     )

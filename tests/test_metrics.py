@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
-from sermtl.metrics import (
+from sermtl.evaluate.metrics import (
     PREDICTION_COLUMNS,
     evaluate_predictions,
     flat_metrics,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sermtl.batching import (
+from sermtl.model.batching import (
     Segment,
     WaveformSource,
     collate,
@@ -17,9 +17,9 @@ from sermtl.batching import (
     pool_segments,
     training_segment,
 )
-from sermtl.model import ModelConfig, build_model, count_parameters, frame_count
+from sermtl.model.network import ModelConfig, build_model, count_parameters, frame_count
 from sermtl.params import params_from_dict
-from sermtl.training import class_balanced_weights, multitask_loss, network_specs
+from sermtl.train.training import class_balanced_weights, multitask_loss, network_specs
 
 DIMS = ["arousal", "valence", "dominance"]
 TINY = {

@@ -29,14 +29,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sermtl import procinfo, registry, tracking
 from sermtl.cli import app
-from sermtl.compare import log_significance
 from sermtl.errors import ServiceUnreachable
+from sermtl.evaluate.compare import log_significance
+from sermtl.evaluate.results import load_runs
+from sermtl.evaluate.significance import significance_tests
 from sermtl.localstack import MlflowServer, free_port
+from sermtl.mlops import procinfo, registry, tracking
 from sermtl.params import Params
-from sermtl.results import load_runs
-from sermtl.significance import significance_tests
 from tests.study_builder import write_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,7 +214,8 @@ def test_orphaned_runs_are_only_those_nobody_will_end(monkeypatch):
 RESULTS_HOOKED = r"""
 import sys, time
 from pathlib import Path
-from sermtl import cli, tracking
+from sermtl import cli
+from sermtl.mlops import tracking
 
 flag, go_on = Path(sys.argv[1]), Path(sys.argv[2])
 log_metrics = tracking._log_metrics

@@ -39,7 +39,7 @@ def test_dag_runs_against_the_local_stack_with_an_s3_corpus(
     from mlflow.tracking import MlflowClient
 
     from pipelines.run_local import run_local
-    from sermtl.synth import synthesize
+    from sermtl.data.synth import synthesize
 
     stack("up", "--dir", str(stack_dir), *ANY_PORT, "--timeout", "240")
     env = read_env_file(stack_dir / "stack.env")

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sermtl import registry
-from sermtl.metrics import validate_predictions
+from sermtl.evaluate.metrics import validate_predictions
+from sermtl.evaluate.significance import P_VALUE_KEYS, TESTS, Comparison, SignificanceReport
+from sermtl.mlops import registry
 from sermtl.params import Params, PromotionParams
-from sermtl.significance import P_VALUE_KEYS, TESTS, Comparison, SignificanceReport
 
 PARAMS = Params()  # significance.unit speaker, permutation test, confidence 0.95; margin 0.01
 DIMENSIONS = list(PARAMS.eval.dimensions)  # arousal, valence, dominance: the order of the comparisons

@@ -3,7 +3,7 @@ backend store is a real PostgreSQL server and whose artifacts go to the real Sea
 
 Studies are fabricated (tests/study_builder.py) with the same seed, so every study has the same
 utterances and labels and only the proposed system's accuracy differs; their significance reports are
-the real sermtl.significance. One registration logs the real ensemble (sermtl.serving) of tiny untrained
+the real evaluate.significance. One registration logs the real ensemble (mlops.serving) of tiny untrained
 networks and loads it back; the others log a trivial stand-in pyfunc to keep the file fast.
 """
 
@@ -27,12 +27,18 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sermtl import model_logging, registry, tracking
-from sermtl.metrics import uar
+from sermtl.evaluate.metrics import uar
+from sermtl.evaluate.results import load_runs
+from sermtl.evaluate.significance import (
+    P_VALUE_KEYS,
+    TESTS,
+    Comparison,
+    SignificanceReport,
+    significance_tests,
+)
+from sermtl.mlops import model_logging, registry, tracking
 from sermtl.params import GateParams, Params
-from sermtl.results import load_runs
 from sermtl.schema import DIMENSIONS
-from sermtl.significance import P_VALUE_KEYS, TESTS, Comparison, SignificanceReport, significance_tests
 from tests.study_builder import write_study
 
 PARAMS = Params()
@@ -155,8 +161,8 @@ def _tiny_networks(train_dir: Path) -> None:
     """Untrained but real fold networks (the training contract's model/ folders), for the real ensemble."""
     import torch
 
-    from sermtl.model import ModelConfig, build_model
-    from sermtl.training import MTL_NETWORK, _write_model_dir
+    from sermtl.model.network import ModelConfig, build_model
+    from sermtl.train.training import MTL_NETWORK, _write_model_dir
 
     config = ModelConfig(
         tasks=list(PARAMS.eval.dimensions),
@@ -261,7 +267,7 @@ def _stand_in_ensemble(model_dir: Path):
 
 @pytest.fixture
 def fake_serving(monkeypatch, constant_model_dir):
-    from sermtl import model_logging
+    from sermtl.mlops import model_logging
 
     monkeypatch.setattr(model_logging, "log_ensemble_model", _stand_in_ensemble(constant_model_dir))
 
@@ -507,7 +513,7 @@ def test_forced_promotion_of_a_failed_gate_version_needs_a_reason(server, studie
 RACER = r"""
 import json, sys, time
 from pathlib import Path
-from sermtl import registry
+from sermtl.mlops import registry
 from sermtl.params import load_params
 
 name, version, actor, barrier, params_path = sys.argv[1:6]
@@ -639,7 +645,7 @@ def test_a_held_lock_times_out_and_a_stale_lock_is_broken_after_its_expiry(
 KILLED = r"""
 import os, signal, sys
 from mlflow.tracking import MlflowClient
-from sermtl import registry
+from sermtl.mlops import registry
 from sermtl.params import load_params
 
 action, name, version, params_path = sys.argv[1:5]

@@ -9,9 +9,15 @@ import pandas as pd
 import pytest
 from study_builder import write_study
 
-from sermtl.metrics import uar
+from sermtl.evaluate.metrics import uar
+from sermtl.evaluate.results import (
+    POOLED_PREDICTIONS,
+    RESULTS_HTML,
+    RESULTS_JSON,
+    RESULTS_MARKDOWN,
+    collect_results,
+)
 from sermtl.params import Params
-from sermtl.results import POOLED_PREDICTIONS, RESULTS_HTML, RESULTS_JSON, RESULTS_MARKDOWN, collect_results
 
 ACCURACY = {
     "mtl_attention": 0.9,

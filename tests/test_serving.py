@@ -1,7 +1,7 @@
 """The served model: request parsing (fast, no server), then the ensemble of two tiny really trained fold
 networks logged into a run on a real `mlflow server`, registered as @champion, loaded back with
 `mlflow.pyfunc.load_model`, and served by the real scoring server (`mlflow models serve`) over HTTP, and
-by `sermtl serve` (the same app behind the request-size limit of sermtl.scoring)."""
+by `sermtl serve` (the same app behind the request-size limit of sermtl.mlops.scoring)."""
 
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ import soundfile
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import ErrorCode
 
-from sermtl import model_logging, serving, tracking
+from sermtl.evaluate.metrics import PROBABILITY_COLUMNS
 from sermtl.localstack import LOOPBACK, MlflowServer, free_port, mlflow_command, stop_process_group
-from sermtl.metrics import PROBABILITY_COLUMNS
+from sermtl.mlops import model_logging, serving, tracking
+from sermtl.mlops.serving import InvalidAudioError, parse_input
 from sermtl.params import params_from_dict
 from sermtl.schema import DIMENSIONS
-from sermtl.serving import InvalidAudioError, parse_input
 
 RATE = 16000
 MAX_S = 2.0  # serving.max_duration_s of these tests: "too long" stays a small request
@@ -381,7 +381,7 @@ def _asgi(app, headers: dict[str, str], chunks: list[bytes]):
 
 
 def test_request_size_limit_answers_413_before_the_app_reads_the_body():
-    from sermtl.scoring import RequestSizeLimit
+    from sermtl.mlops.scoring import RequestSizeLimit
 
     seen = []
 
@@ -444,9 +444,9 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def train_dir(tmp_path_factory) -> Path:
-    from sermtl.ingest import ingest
-    from sermtl.synth import synthesize
-    from sermtl.training import train_fold
+    from sermtl.data.ingest import ingest
+    from sermtl.data.synth import synthesize
+    from sermtl.train.training import train_fold
 
     root = tmp_path_factory.mktemp("serving")
     synthesize(root / "IEMOCAP_full_release", utterances=60, mean_duration_s=0.8)
@@ -474,7 +474,7 @@ def registered(mlflow_server, train_dir) -> dict:
 
 
 def _members(train_dir: Path) -> list:
-    from sermtl.training import load_predictor
+    from sermtl.train.training import load_predictor
 
     return [load_predictor(train_dir / SYSTEM / f"fold{k}" / "model") for k in range(FOLDS)]
 

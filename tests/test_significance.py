@@ -16,10 +16,8 @@ from study_builder import write_study
 from typer.testing import CliRunner
 
 from sermtl.cli import app
-from sermtl.metrics import PREDICTION_COLUMNS, uar
-from sermtl.params import Params
-from sermtl.schema import SIGNIFICANCE_HTML, SIGNIFICANCE_JSON, SIGNIFICANCE_MARKDOWN
-from sermtl.significance import (
+from sermtl.evaluate.metrics import PREDICTION_COLUMNS, uar
+from sermtl.evaluate.significance import (
     EXACT_SIGN_FLIP_CLUSTERS,
     TESTS,
     SignificanceReport,
@@ -50,6 +48,8 @@ from sermtl.significance import (
     uar_ztest,
     write_report,
 )
+from sermtl.params import Params
+from sermtl.schema import SIGNIFICANCE_HTML, SIGNIFICANCE_JSON, SIGNIFICANCE_MARKDOWN
 
 DIMENSIONS = ["arousal", "valence", "dominance"]
 

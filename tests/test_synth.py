@@ -15,11 +15,11 @@ import pytest
 import soundfile as sf
 from scipy.stats import spearmanr
 
-from sermtl import synth
-from sermtl.corpus import parse_emo_evaluation
+from sermtl.data import synth
+from sermtl.data.corpus import parse_emo_evaluation
+from sermtl.data.synth import synthesize
 from sermtl.fsutil import OUTPUT_MARKER, OutputFolderError
 from sermtl.params import SynthParams
-from sermtl.synth import synthesize
 
 HEADER_RE = re.compile(
     r"^\[(\d+\.\d{4}) - (\d+\.\d{4})\]\t(Ses0[1-5][FM]_\S+)\t([a-z]{3})\t"

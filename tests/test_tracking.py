@@ -20,15 +20,15 @@ import pandas as pd
 import pytest
 
 import sermtl
-from sermtl import tracking
-from sermtl.audio import AudioStore
-from sermtl.ingest import ingest
+from sermtl.data.audio import AudioStore
+from sermtl.data.ingest import ingest
+from sermtl.data.synth import synthesize
+from sermtl.evaluate.metrics import PREDICTION_COLUMNS, evaluate_predictions, flat_metrics
+from sermtl.evaluate.results import results_table, to_html, to_markdown
 from sermtl.localstack import MlflowServer
-from sermtl.metrics import PREDICTION_COLUMNS, evaluate_predictions, flat_metrics
+from sermtl.mlops import tracking
 from sermtl.params import Params
-from sermtl.results import results_table, to_html, to_markdown
 from sermtl.schema import DIMENSIONS
-from sermtl.synth import synthesize
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ EPOCHS = [1, 2, 3, 4]
 HOP_S = 0.01
 
 
-# --- a stand-in for sermtl.training.load_predictor ---------------------------------------------------
+# --- a stand-in for sermtl.train.training.load_predictor ---------------------------------------------------
 
 
 class FakePredictor:
@@ -60,10 +60,10 @@ class FakePredictor:
 @pytest.fixture
 def fake_training(monkeypatch):
     try:
-        import sermtl.training as training
+        import sermtl.train.training as training
     except Exception:  # not written yet, or mid-edit
-        training = types.ModuleType("sermtl.training")
-        monkeypatch.setitem(sys.modules, "sermtl.training", training)
+        training = types.ModuleType("sermtl.train.training")
+        monkeypatch.setitem(sys.modules, "sermtl.train.training", training)
         monkeypatch.setattr(sermtl, "training", training, raising=False)
     monkeypatch.setattr(training, "load_predictor", FakePredictor, raising=False)
 
@@ -410,7 +410,7 @@ def test_artifacts_on_seaweedfs_s3(servers, monkeypatch, train_dir, store_dir, f
 
 
 def test_single_task_scalars_per_network_become_one_metric_each():
-    from sermtl.tracking import _final_metrics
+    from sermtl.mlops.tracking import _final_metrics
 
     frame = pd.DataFrame(
         {

@@ -21,8 +21,9 @@ import yaml
 from typer.testing import CliRunner
 
 from sermtl.cli import app
-from sermtl.ingest import ingest
-from sermtl.metrics import PREDICTION_COLUMNS, validate_predictions
+from sermtl.data.ingest import ingest
+from sermtl.data.synth import synthesize
+from sermtl.evaluate.metrics import PREDICTION_COLUMNS, validate_predictions
 from sermtl.params import params_from_dict
 from sermtl.schema import (
     ATTENTION_FILE,
@@ -33,8 +34,7 @@ from sermtl.schema import (
     PREDICTIONS_FILE,
     RUN_METRICS_FILE,
 )
-from sermtl.synth import synthesize
-from sermtl.training import TrainingError, load_predictor, train_fold
+from sermtl.train.training import TrainingError, load_predictor, train_fold
 
 DIMS = ["arousal", "valence", "dominance"]
 # A tiny network and short segments (0.8 s utterances span several 10-frame segments).
@@ -237,7 +237,7 @@ def test_single_task_mean_system(store, tmp_path):
 
 def test_predictor_matches_predictions(store, mtl_run):
     out, _ = mtl_run
-    from sermtl.audio import AudioStore
+    from sermtl.data.audio import AudioStore
 
     predictor = load_predictor(out / MODEL_DIR)
     predictions = pd.read_parquet(out / PREDICTIONS_FILE)
@@ -276,7 +276,7 @@ def test_kill_and_resume_gives_identical_predictions(store, mtl_run, tmp_path):
     script = textwrap.dedent(
         f"""
         import time
-        import sermtl.training as training
+        import sermtl.train.training as training
         from sermtl.params import load_params
         save = training._atomic_torch_save
         def slow_save(payload, path):
@@ -360,12 +360,12 @@ def test_cli_errors_name_the_valid_choices(tmp_path):
 
 def test_egemaps_systems_are_dispatched(monkeypatch, tmp_path):
     calls = []
-    fake = types.ModuleType("sermtl.egemaps")
+    fake = types.ModuleType("sermtl.model.egemaps")
     fake.train_fold = lambda *args: calls.append(args) or {"system": args[1]}
-    monkeypatch.setitem(sys.modules, "sermtl.egemaps", fake)
-    import sermtl
+    monkeypatch.setitem(sys.modules, "sermtl.model.egemaps", fake)
+    import sermtl.model
 
-    monkeypatch.setattr(sermtl, "egemaps", fake, raising=False)
+    monkeypatch.setattr(sermtl.model, "egemaps", fake, raising=False)
     params = tiny_params()
     store = tmp_path / "store"  # beside the run folder: an output may not lie inside an input
     assert train_fold(store, "egemaps_linear", 2, tmp_path / "out", params) == {"system": "egemaps_linear"}
@@ -447,8 +447,8 @@ def test_egemaps_is_one_run_whatever_the_seeds(seeded_study):
 
 
 def test_results_report_the_spread_over_seeds(seeded_study, tmp_path):
-    from sermtl.metrics import evaluate_predictions
-    from sermtl.results import RESULTS_JSON, RESULTS_MARKDOWN, collect_results
+    from sermtl.evaluate.metrics import evaluate_predictions
+    from sermtl.evaluate.results import RESULTS_JSON, RESULTS_MARKDOWN, collect_results
 
     params = seeded_params()
     table = collect_results(seeded_study, tmp_path / "results", params)
@@ -480,8 +480,8 @@ def test_results_report_the_spread_over_seeds(seeded_study, tmp_path):
 
 
 def test_the_ensemble_holds_every_fold_and_seed_network(seeded_study, store):
-    from sermtl import serving
-    from sermtl.audio import AudioStore
+    from sermtl.data.audio import AudioStore
+    from sermtl.mlops import serving
 
     params = seeded_params()
     members, config = serving.ensemble_members(seeded_study, "mtl_attention", 2, params)
@@ -517,7 +517,7 @@ class _Killed(BaseException):
 
 
 def test_a_killed_seed_resumes_and_the_finished_seed_is_kept(store, seeded_study, monkeypatch, tmp_path):
-    import sermtl.training as training
+    import sermtl.train.training as training
 
     out = tmp_path / "fold0"
     save = training._atomic_torch_save
@@ -579,7 +579,7 @@ def test_a_fold_restored_without_markers_is_rebuilt_from_its_seed_runs(
     recognised as train's, reused, and the fold's outputs rebuilt from their files, identical."""
     import shutil
 
-    import sermtl.training as training
+    import sermtl.train.training as training
     from sermtl.fsutil import OUTPUT_MARKER
 
     reference = seeded_study / "mtl_attention" / "fold0"

@@ -19,12 +19,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sermtl.health import to_markdown, training_health
-from sermtl.ingest import ingest
+from sermtl.data.ingest import ingest
+from sermtl.data.synth import synthesize
+from sermtl.evaluate.health import to_markdown, training_health
 from sermtl.params import load_params
 from sermtl.schema import PREDICTIONS_FILE, RUN_METRICS_FILE
-from sermtl.synth import synthesize
-from sermtl.training import train_fold
+from sermtl.train.training import train_fold
 
 REPO = Path(__file__).resolve().parents[1]
 UTTERANCES = 240  # of the committed 400: shorter, and fewer optimiser steps per epoch, so no easier

@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sermtl import validation
-from sermtl.audio import audio_checksum
+from sermtl.data import validate as validation
+from sermtl.data.audio import audio_checksum
+from sermtl.data.validate import ValidationInputError, validate
 from sermtl.params import Params
 from sermtl.schema import (
     AUDIO_FILE,
@@ -31,7 +32,6 @@ from sermtl.schema import (
     REPORT_FILE,
     STORE_META_FILE,
 )
-from sermtl.validation import ValidationInputError, validate
 
 SAMPLE_RATE = 16000
 LEVELS = (1.5, 3.0, 4.5)  # low, medium, high under the default thresholds

@@ -1,4 +1,4 @@
-"""Benchmark: `sermtl.significance.significance_tests` at paper scale, beside a naive per-resample loop.
+"""Benchmark: `evaluate.significance.significance_tests` at paper scale, beside a naive per-resample loop.
 
 Data: 10,000 utterances x 3 dimensions x 5 systems (the proposed one and 4 baselines), each system
 right on a given share of utterances, in memory in the prediction-table layout; the utterances belong to
@@ -6,7 +6,7 @@ right on a given share of utterances, in memory in the prediction-table layout; 
 (12 comparisons, `--resamples` resamples each, bootstrap and then permutation, pairing and all) at the
 resampling unit `--unit` (default: significance.unit's default). The naive path is what a first
 implementation does at the utterance level: per resample, draw utterance indices (bootstrap) or a swap
-mask (permutation) and call sermtl.metrics.uar twice; it runs `--naive-resamples` resamples of one
+mask (permutation) and call sermtl.evaluate.metrics.uar twice; it runs `--naive-resamples` resamples of one
 comparison in the same repeat. The speed ratio is taken per repeat on the time per (comparison x
 resample); figures are medians over `--repeats`. Peak RSS is the process maximum (ru_maxrss), which
 includes the interpreter, pandas and the data.
@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sermtl.metrics import PREDICTION_COLUMNS, uar
+from sermtl.evaluate.metrics import PREDICTION_COLUMNS, uar
+from sermtl.evaluate.significance import UNITS, significance_tests, write_report
 from sermtl.params import Params
-from sermtl.significance import UNITS, significance_tests, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 DIMENSIONS = ["arousal", "valence", "dominance"]

@@ -16,7 +16,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from sermtl.significance import read_report
+from sermtl.evaluate.significance import read_report
 
 POWER = 0.8
 

@@ -1,6 +1,6 @@
 """Benchmark: the whole study on a synthetic corpus whose answer is known by construction (a simulation).
 
-A scenario sets the effect settings of the generator (data.synth; sermtl.synth's docstring):
+A scenario sets the effect settings of the generator (data.synth; sermtl.data.synth's docstring):
 - hypothesis: cues concentrated in a short sub-span (cue_span 0.3) and shared between the dimensions
   (cue_sharing 1.0): the paper's hypothesis holds by construction, so attention should beat mean pooling
   and multi-task beat single-task. These are the committed data.synth settings (the `make run` corpus);
@@ -134,8 +134,8 @@ def chance_interval(labels: np.ndarray, predictions: np.ndarray, resamples: int,
 
 
 def summarise(record: dict, params, resamples: int) -> dict:
-    from sermtl.metrics import uar
-    from sermtl.significance import decisive, read_report
+    from sermtl.evaluate.metrics import uar
+    from sermtl.evaluate.significance import decisive, read_report
 
     results_dir = Path(record["study_results"])
     table = pd.DataFrame(json.loads((results_dir / "results.json").read_text()))

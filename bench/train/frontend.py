@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from sermtl.model import ModelConfig, build_model
+from sermtl.model.network import ModelConfig, build_model
 
 SETTINGS = [  # (conv_channels, conv_kernel, conv_pool, frame_samples): the demo's first
     (8, 16, 4, 320),

@@ -91,7 +91,7 @@ def pad_collate(items):
 
 def run_steps(model, optimizer, batches, device, bf16: bool) -> tuple[float, float]:
     """(audio seconds, wall seconds) for the given iterable of (waveform, lengths, labels) batches."""
-    from sermtl.training import multitask_loss
+    from sermtl.train.training import multitask_loss
 
     audio = 0.0
     if device.type == "cuda":
@@ -140,10 +140,10 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from sermtl.audio import AudioStore
-    from sermtl.batching import UtteranceSet, collate, training_batches
-    from sermtl.model import ModelConfig, build_model
-    from sermtl.training import resolve_device
+    from sermtl.data.audio import AudioStore
+    from sermtl.model.batching import UtteranceSet, collate, training_batches
+    from sermtl.model.network import ModelConfig, build_model
+    from sermtl.train.training import resolve_device
 
     params = load_params(args.profile)
     device = resolve_device(args.device, params)

@@ -11,10 +11,10 @@ from typing import Annotated
 
 import typer
 
+from sermtl.data.sources import CorpusError
 from sermtl.errors import EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_UNREACHABLE, ServiceUnreachable, redact_text
 from sermtl.fsutil import OutputFolderError
 from sermtl.params import DEFAULT_PARAMS_PATH, ParamsError, load_params
-from sermtl.sources import CorpusError
 
 app = typer.Typer(
     help="Speech emotion recognition pipeline (arousal, valence, dominance; attention-augmented multi-task).",
@@ -41,12 +41,12 @@ def _load(params_path: Path):
 
 @contextlib.contextmanager
 def _mlflow(params, other_error: int = EXIT_REFUSED) -> Iterator[None]:
-    """The MLflow calls of one command (sermtl.tracking.mlflow_service: retries within
+    """The MLflow calls of one command (sermtl.mlops.tracking.mlflow_service: retries within
     tracking.retry_budget_s). A server that cannot be reached: one line naming it, exit 4; any other
     MLflow error (the server answered, e.g. 403): one line, exit `other_error`. No credentials either way."""
     from mlflow.exceptions import MlflowException
 
-    from sermtl.tracking import mlflow_service
+    from sermtl.mlops.tracking import mlflow_service
 
     try:
         with mlflow_service(params):
@@ -59,7 +59,7 @@ def _mlflow(params, other_error: int = EXIT_REFUSED) -> Iterator[None]:
 
 
 def _require_reason(action: str, reason: str) -> None:
-    from sermtl.registry import REASON_REQUIRED
+    from sermtl.mlops.registry import REASON_REQUIRED
 
     if not reason.strip():
         _fail(f"{action} {REASON_REQUIRED}", EXIT_BAD_INPUT)
@@ -90,12 +90,12 @@ def synth(
 ) -> None:
     """Generate a synthetic corpus in the exact IEMOCAP_full_release layout and annotation format.
 
-    Defaults come from the data.synth section of params.yaml (sermtl.synth explains the effect settings).
+    Defaults come from the data.synth section of params.yaml (sermtl.data.synth explains the effect settings).
     """
     import dataclasses
 
+    from sermtl.data.synth import synthesize
     from sermtl.params import SynthParams
-    from sermtl.synth import synthesize
 
     # Without a params file: synthesize's own defaults (IEMOCAP's mean duration).
     settings = _load(params_path).data.synth if params_path.is_file() else SynthParams(mean_duration_s=4.45)
@@ -138,7 +138,7 @@ def ingest(
     """
     import dataclasses
 
-    from sermtl.ingest import ingest as run_ingest
+    from sermtl.data.ingest import ingest as run_ingest
 
     params = _load(params_path)
     if endpoint_url is not None:
@@ -164,8 +164,8 @@ def validate(
     params_path: ParamsOption = DEFAULT_PARAMS_PATH,
 ) -> None:
     """Run the great-expectations suite over the manifest and audio statistics; non-zero exit on failure."""
-    from sermtl.validation import ValidationInputError
-    from sermtl.validation import validate as run_validation
+    from sermtl.data.validate import ValidationInputError
+    from sermtl.data.validate import validate as run_validation
 
     params = _load(params_path)
     try:
@@ -204,8 +204,8 @@ def train(
     checkpoint, in the seed it was killed in.
     """
     params = _load(params_path)
-    from sermtl.audio import CorruptStoreError
-    from sermtl.training import TrainingError, train_fold
+    from sermtl.data.audio import CorruptStoreError
+    from sermtl.train.training import TrainingError, train_fold
 
     if system not in params.systems:
         _fail(f"unknown system {system!r}; valid: {', '.join(sorted(params.systems))}")
@@ -257,8 +257,8 @@ def results(
 
     The study is also logged to MLflow: a parent run with one child run per (system, fold).
     """
+    from sermtl.evaluate.results import RESULTS_MARKDOWN, collect_results
     from sermtl.pipeline_runner import study_data_version
-    from sermtl.results import RESULTS_MARKDOWN, collect_results
 
     params = _load(params_path)
     try:
@@ -267,7 +267,7 @@ def results(
         _fail(str(exc))
     typer.echo((out / RESULTS_MARKDOWN).read_text())
     if track:
-        from sermtl.tracking import track_study
+        from sermtl.mlops.tracking import track_study
 
         version = study_data_version(data_version, params.data.corpus, store)
         with _mlflow(params):
@@ -289,7 +289,7 @@ def significance(
 
     Settings come from the significance section of params.yaml; p-values are Holm-corrected per test.
     """
-    from sermtl.significance import run_significance, to_markdown
+    from sermtl.evaluate.significance import run_significance, to_markdown
 
     params = _load(params_path)
     try:
@@ -322,7 +322,7 @@ def compare(
     Tracking server: $MLFLOW_TRACKING_URI (else ./mlruns); without params.yaml the defaults are used.
     Exit 2: no such study or it cannot be compared; 4: the server could not be reached.
     """
-    from sermtl.compare import CompareError, run_compare
+    from sermtl.evaluate.compare import CompareError, run_compare
     from sermtl.params import Params
 
     params = _load(params_path) if params_path.is_file() or params_path != DEFAULT_PARAMS_PATH else Params()
@@ -368,8 +368,8 @@ def promote(
     registry.promotion.rule decides. Exit 1: refused (gate, rule, evidence); 2: no --reason;
     3: a concurrent change won; 4: the server could not be reached. Tracking server: $MLFLOW_TRACKING_URI.
     """
-    from sermtl.registry import RegistryError
-    from sermtl.registry import promote as run_promote
+    from sermtl.mlops.registry import RegistryError
+    from sermtl.mlops.registry import promote as run_promote
 
     params = _load(params_path)
     _require_reason("a promotion", reason)
@@ -399,9 +399,9 @@ def rollback(
     Exit 1: nothing to roll back to; 2: no --reason; 3: the lock stayed held; 4: the server could not be
     reached.
     """
+    from sermtl.mlops.registry import RegistryError
+    from sermtl.mlops.registry import rollback as run_rollback
     from sermtl.params import Params
-    from sermtl.registry import RegistryError
-    from sermtl.registry import rollback as run_rollback
 
     params = _load(params_path) if params_path.is_file() else Params()
     _require_reason("a rollback", reason)
@@ -424,8 +424,8 @@ def registry(
 
     Exit 2: no such registered model; 4: the server could not be reached.
     """
+    from sermtl.mlops.registry import RegistryError, registry_state
     from sermtl.params import Params
-    from sermtl.registry import RegistryError, registry_state
 
     params = _load(params_path) if params_path.is_file() else Params()
     try:
@@ -464,7 +464,7 @@ def serve(
     MLflow's own scoring app (same routes and request formats) behind a check that answers 413 to a body
     over the limit before it is read or parsed. Tracking server: $MLFLOW_TRACKING_URI.
     """
-    from sermtl.scoring import serve as run_serve
+    from sermtl.mlops.scoring import serve as run_serve
 
     limits = {"timeout_s": timeout, "max_request_bytes": max_request_bytes}
     try:
@@ -503,7 +503,7 @@ TokenOption = Annotated[
 
 
 def _compiled_version(out: Path, params_path: Path, namespace: str | None = None):
-    from sermtl.kfp_client import KfpError, compile_version
+    from sermtl.mlops.kfp_client import KfpError, compile_version
 
     try:
         return compile_version(out, params_path, namespace=namespace)
@@ -512,7 +512,7 @@ def _compiled_version(out: Path, params_path: Path, namespace: str | None = None
 
 
 def _param_pairs(pairs: list[str] | None) -> dict[str, str]:
-    from sermtl.kfp_client import KfpError, parse_param_pairs
+    from sermtl.mlops.kfp_client import KfpError, parse_param_pairs
 
     try:
         return parse_param_pairs(pairs or [])
@@ -560,7 +560,7 @@ def pipeline_submit(
 
     --params picks the params.yaml compiled into the version (the run's params_yaml).
     """
-    from sermtl.kfp_client import KfpError, submit
+    from sermtl.mlops.kfp_client import KfpError, submit
 
     pairs = _param_pairs(param)
     compiled = _compiled_version(out, params_path, namespace)
@@ -599,7 +599,7 @@ def pipeline_schedule(
     params_path: ParamsOption = DEFAULT_PARAMS_PATH,
 ) -> None:
     """Compile, upload the version and create a recurring run of it (kept if an identical one exists)."""
-    from sermtl.kfp_client import KfpError, normalize_cron, schedule
+    from sermtl.mlops.kfp_client import KfpError, normalize_cron, schedule
 
     pairs = _param_pairs(param)
     try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Hidden, so corpus listings skip it (sermtl.corpus) and `.dvcignore` keeps it out of DVC's hashes.
+# Hidden, so corpus listings skip it (sermtl.data.corpus) and `.dvcignore` keeps it out of DVC's hashes.
 OUTPUT_MARKER = ".sermtl-output.json"
 MARKER_FORMAT = 1
 # `.<name>.tmp-<pid>` / `.<name>.old-<pid>`: the staging names of atomic_directory and atomic_write_text.

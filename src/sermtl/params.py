@@ -27,7 +27,7 @@ import yaml
 from sermtl.schema import DIMENSIONS
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
-SUBSETS = ("all", "improvised")  # as sermtl.metrics.SUBSETS (not imported here: it pulls in pandas)
+SUBSETS = ("all", "improvised")  # as sermtl.evaluate.metrics.SUBSETS (not imported here: it pulls in pandas)
 IEMOCAP_SESSIONS = 5
 
 
@@ -141,10 +141,10 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class SynthParams:
-    utterances: int = checked(400, at_least=60, at_most=200_000)  # sermtl.synth's MIN/MAX_UTTERANCES
+    utterances: int = checked(400, at_least=60, at_most=200_000)  # sermtl.data.synth's MIN/MAX_UTTERANCES
     seed: int = checked(0, at_least=0)
-    mean_duration_s: float = checked(2.5, at_least=0.8, at_most=12.0)  # sermtl.synth's bounds
-    # Effect settings (sermtl.synth's docstring); the defaults give the generator's corpus before them.
+    mean_duration_s: float = checked(2.5, at_least=0.8, at_most=12.0)  # sermtl.data.synth's bounds
+    # Effect settings (sermtl.data.synth's docstring); the defaults give the generator's corpus before them.
     cue_span: float = checked(0.5, above=0.0, at_most=1.0)  # mean share of an utterance carrying cues
     cue_sharing: float = checked(0.5, **_FRACTION)  # 0 independent dimensions .. 1 strongly shared
     null_labels: bool = False  # true: labels drawn independently of the audio (chance by construction)
@@ -224,11 +224,11 @@ class TrainParams:
     # Largest gradient norm per step (0: no clipping). One bad batch can otherwise throw a small recurrent
     # network back to predicting one class (seen on the demo at lr 1e-2), and early stopping keeps that.
     grad_clip_norm: float = checked(1.0, at_least=0)
-    # Every system alike: inverse-frequency class weights in the neural cross-entropy (sermtl.training)
-    # and class_weight="balanced" in the eGeMAPS logistic regressions (sermtl.egemaps). UAR is the metric.
+    # Every system alike: inverse-frequency class weights in the neural cross-entropy (sermtl.train.training)
+    # and class_weight="balanced" in the eGeMAPS logistic regressions (model.egemaps). UAR is the metric.
     class_balanced_loss: bool = True
     # One training run per seed, fold and network; a (system, fold) predicts with the mean of its seeds'
-    # class probabilities (sermtl.training). The eGeMAPS baseline is deterministic: one run, seeds ignored.
+    # class probabilities (train.training). The eGeMAPS baseline is deterministic: one run, seeds ignored.
     seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2], metadata=rule(at_least=0, min_items=1, distinct=True)
     )
@@ -268,7 +268,7 @@ class SignificanceParams:
     # bootstrap | permutation: the paired test on the UAR difference (permutation: calibrated per speaker)
     resampling: str = checked("permutation", one_of=("bootstrap", "permutation"))
     # utterance | dialog | speaker | session: what the resampling test and its interval treat as independent
-    # (from the IEMOCAP utterance id); speaker: the claim is about new speakers (sermtl.significance)
+    # (from the IEMOCAP utterance id); speaker: the claim is about new speakers (sermtl.evaluate.significance)
     unit: str = checked("speaker", one_of=("utterance", "dialog", "speaker", "session"))
     resamples: int = checked(10000, at_least=1)
     confidence: float = checked(0.95, **_PROBABILITY)  # of the bootstrap interval of the UAR difference
@@ -296,7 +296,7 @@ class PromotionParams:
     # of the significance.confidence interval of (challenger - champion) UAR is at least -`margin`: it has
     # to show that it is at most `margin` worse; "no significant difference" is not enough.
     # better: it must also be significantly better on at least one dimension (the resampling test at
-    # significance.unit, corrected over the dimensions). See sermtl.registry.promotion_decision.
+    # significance.unit, corrected over the dimensions). See sermtl.mlops.registry.promotion_decision.
     rule: str = checked("not_worse", one_of=("not_worse", "better"))
     # UAR points as a fraction (0.01 = one point): the largest loss against the champion still "not worse"
     margin: float = checked(0.01, **_FRACTION)

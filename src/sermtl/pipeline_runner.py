@@ -3,7 +3,7 @@
 Components stay thin (import sermtl, call one function here, attach the result to their artifacts),
 so the logic is tested without kfp and runs identically in the local runner and on a cluster.
 
-Every step that talks to MLflow does so inside sermtl.tracking.mlflow_service: retries bounded by
+Every step that talks to MLflow does so inside sermtl.mlops.tracking.mlflow_service: retries bounded by
 `tracking.retry_budget_s`, and a server that cannot be reached fails the step with one
 ServiceUnreachable naming it (credentials removed) after the runs it created were marked FAILED.
 """
@@ -44,10 +44,10 @@ class ValidationFailed(RuntimeError):
 def fingerprint_step(corpus_uri: str, params_yaml: str) -> str:
     """`listing:<sha256>` of the corpus' file listing: relative paths, sizes and ETags (s3://) or mtimes.
 
-    The same listing hash that sermtl.ingest uses to tell whether a store is up to date, so it changes
+    The same listing hash that sermtl.data.ingest uses to tell whether a store is up to date, so it changes
     whenever a file is added, removed or rewritten. Only the listing is read, not the audio.
     """
-    from sermtl.sources import listing_fingerprint, open_source
+    from sermtl.data.sources import listing_fingerprint, open_source
 
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
     files = open_source(corpus_uri, params.data.s3_endpoint_url).list_files()
@@ -67,7 +67,7 @@ def ingest_step(
     ``data_version`` and ``corpus_fingerprint`` (fingerprint_step) are what the pipeline keys this step's
     cache on; they are recorded on the artifact as given.
     """
-    from sermtl.ingest import ingest
+    from sermtl.data.ingest import ingest
 
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
     report = ingest(corpus_uri, Path(out_dir), params, progress=False).to_dict()
@@ -88,7 +88,7 @@ def validate_step(
     Returns scalar metrics for a KFP Metrics artifact. Raises ValidationFailed (after writing both
     reports, so they can be inspected) when any expectation failed.
     """
-    from sermtl.validation import validate
+    from sermtl.data.validate import validate
 
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
     summary = validate(Path(corpus_dir), Path(docs_dir), params)
@@ -223,8 +223,8 @@ def train_step(
     store_dir: str | Path, params_yaml: str, system: str, fold: int, out_dir: str | Path
 ) -> dict[str, float]:
     """Train and evaluate one (system, fold) into ``out_dir``; return its test metrics for KFP."""
-    from sermtl.metrics import flat_metrics
-    from sermtl.training import train_fold
+    from sermtl.evaluate.metrics import flat_metrics
+    from sermtl.train.training import train_fold
 
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
     result = train_fold(Path(store_dir), system, int(fold), Path(out_dir), params, progress=False)
@@ -275,8 +275,8 @@ def collect_step(
     """
     import tempfile
 
+    from sermtl.evaluate.results import RESULTS_HTML, RESULTS_MARKDOWN, collect_results
     from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir
-    from sermtl.results import RESULTS_HTML, RESULTS_MARKDOWN, collect_results
 
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
     proposed_kind = OutputKind.of("collect-proposed", [params.eval.proposed_system])
@@ -288,7 +288,7 @@ def collect_step(
         version = study_data_version(data_version, store_dir=store_dir)
         study = {"data_version": version, "pipeline_run_id": pipeline_run_id, "study_run_id": ""}
         if track:
-            from sermtl.tracking import TAG_KFP_RUN, TAG_KFP_TASK, mlflow_service, track_study
+            from sermtl.mlops.tracking import TAG_KFP_RUN, TAG_KFP_TASK, mlflow_service, track_study
 
             kfp_tags = {TAG_KFP_RUN: pipeline_run_id or None, TAG_KFP_TASK: pipeline_task or None}
             with mlflow_service(params):
@@ -340,10 +340,10 @@ def significance_step(
     """
     import pandas as pd
 
-    from sermtl.metrics import validate_predictions
-    from sermtl.results import POOLED_PREDICTIONS
+    from sermtl.evaluate.metrics import validate_predictions
+    from sermtl.evaluate.results import POOLED_PREDICTIONS
+    from sermtl.evaluate.significance import significance_tests, write_report
     from sermtl.schema import SIGNIFICANCE_HTML, SIGNIFICANCE_MARKDOWN
-    from sermtl.significance import significance_tests, write_report
 
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
     path = Path(results_dir) / POOLED_PREDICTIONS
@@ -356,8 +356,8 @@ def significance_step(
         Path(target).write_text((Path(out_dir) / source).read_text())
     study_run_id = read_study(results_dir)["study_run_id"]
     if track and study_run_id:
-        from sermtl.compare import log_significance
-        from sermtl.tracking import mlflow_service
+        from sermtl.evaluate.compare import log_significance
+        from sermtl.mlops.tracking import mlflow_service
 
         with mlflow_service(params):
             log_significance(study_run_id, Path(out_dir))
@@ -378,14 +378,14 @@ def gate_step(significance_dir: str | Path, results_dir: str | Path, params_yaml
     A failed gate is recorded on the study's MLflow run here (nothing downstream runs); a passed one is
     recorded by the register step together with the registration.
     """
-    from sermtl.registry import gate_decision, record_gate_decision
-    from sermtl.significance import read_report
+    from sermtl.evaluate.significance import read_report
+    from sermtl.mlops.registry import gate_decision, record_gate_decision
 
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
     decision = gate_decision(read_report(Path(significance_dir)), params.registry.gate)
     study_run_id = read_study(results_dir)["study_run_id"]
     if study_run_id and not decision.passed:
-        from sermtl.tracking import mlflow_service
+        from sermtl.mlops.tracking import mlflow_service
 
         with mlflow_service(params):
             record_gate_decision(study_run_id, decision, params)
@@ -399,9 +399,9 @@ def register_step(
 
     ``train_dir`` holds <proposed system>/fold<k> (the collect step's copy, or a CLI train dir).
     """
-    from sermtl.registry import register_study_model
-    from sermtl.significance import read_report
-    from sermtl.tracking import mlflow_service
+    from sermtl.evaluate.significance import read_report
+    from sermtl.mlops.registry import register_study_model
+    from sermtl.mlops.tracking import mlflow_service
 
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
     study = read_study(results_dir)

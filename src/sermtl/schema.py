@@ -44,11 +44,13 @@ STORE_META_FILE = "store.json"
 
 # A training run directory, one per (system, fold): artifacts/train/<system>/fold<k>/, holding the seed
 # ensemble's outputs and, for a neural system, one sub-run per seed of train.seeds: fold<k>/seed<s>/ (a run
-# directory with the same files, of that seed alone; see sermtl.training)
+# directory with the same files, of that seed alone; see sermtl.train.training)
 SEED_RUN_PREFIX = "seed"
 SEED_RUN_PATTERN = rf"{SEED_RUN_PREFIX}[0-9]+"
-PREDICTIONS_FILE = "predictions.parquet"  # sermtl.metrics.PREDICTION_COLUMNS, test utterances x dimensions
-RUN_METRICS_FILE = "metrics.json"  # final metrics of the fold (see sermtl.training)
+PREDICTIONS_FILE = (
+    "predictions.parquet"  # sermtl.evaluate.metrics.PREDICTION_COLUMNS, test utterances x dimensions
+)
+RUN_METRICS_FILE = "metrics.json"  # final metrics of the fold (see sermtl.train.training)
 HISTORY_FILE = "history.json"  # per-epoch metrics (neural systems)
 ATTENTION_FILE = "attention.npz"  # attention weights of a few test utterances (attention systems)
 MODEL_DIR = "model"  # what is needed to rebuild the trained predictor
@@ -63,7 +65,7 @@ TRAIN_RUN_OUTPUT = OutputKind.of(
     patterns=(SEED_RUN_PATTERN,),
 )
 
-# Output of `sermtl significance` (see sermtl.significance): paired tests of the proposed system vs baselines.
+# Output of `sermtl significance` (evaluate.significance): paired tests of the proposed system vs baselines.
 SIGNIFICANCE_JSON = "significance.json"  # SignificanceReport.to_dict(), read by the registration gate
 SIGNIFICANCE_MARKDOWN = "significance.md"
 SIGNIFICANCE_HTML = "significance.html"  # self-contained, with an inline PNG forest plot

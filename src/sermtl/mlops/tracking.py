@@ -41,9 +41,16 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sermtl import gitinfo, procinfo
 from sermtl.errors import ServiceUnreachable, redact_text, redact_uri
-from sermtl.metrics import PROBABILITY_COLUMNS, evaluate_predictions, flat_metrics, validate_predictions
+from sermtl.evaluate.metrics import (
+    PROBABILITY_COLUMNS,
+    evaluate_predictions,
+    flat_metrics,
+    validate_predictions,
+)
+from sermtl.mlops import gitinfo, procinfo
+from sermtl.mlops.serving import AudioPyfunc, serving_signature
+from sermtl.mlops.serving import output_columns as output_columns  # re-exported: the pyfunc output columns
 from sermtl.params import Params, TrackingParams
 from sermtl.schema import (
     ATTENTION_FILE,
@@ -55,8 +62,6 @@ from sermtl.schema import (
     RUN_METRICS_FILE,
     SEED_RUN_PREFIX,
 )
-from sermtl.serving import AudioPyfunc, serving_signature
-from sermtl.serving import output_columns as output_columns  # re-exported: the pyfunc output columns
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
@@ -371,7 +376,7 @@ def mark_failed(mlflow_client: MlflowClient, run_id: str, error: BaseException |
 
 
 def process_tags() -> dict[str, str]:
-    """The creating process, on every run this module creates (see sermtl.procinfo)."""
+    """The creating process, on every run this module creates (see sermtl.mlops.procinfo)."""
     return procinfo.current().to_tags(TAG_PROCESS)
 
 
@@ -387,7 +392,7 @@ def fail_orphaned_runs(
 
     A run is orphaned when (1) this process created it and could not mark it FAILED (the server was
     gone), (2) its sermtl.process.* tags name a process on this machine that provably no longer runs
-    (sermtl.procinfo.is_gone), or (3) it is an earlier attempt of the run about to be created: the same
+    (sermtl.mlops.procinfo.is_gone), or (3) it is an earlier attempt of the run about to be created: the same
     non-empty pipeline run id, run name and parent (a Kubeflow retry of the same step, in another pod);
     RUNNING children of an orphan are orphans too. A RUNNING run of a live process, or of another
     machine outside rule 3, is left alone: that cannot be decided from here.
@@ -913,7 +918,7 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str = "") -> 
 
 def plot_attention(npz_path: Path, store_dir: Path, out_dir: Path, title: str = "") -> list[Path]:
     """Per utterance, one row per task: waveform with the attention weights as a heat-map behind it."""
-    from sermtl.audio import AudioStore
+    from sermtl.data.audio import AudioStore
 
     with np.load(npz_path) as archive:
         arrays = {key: np.asarray(archive[key]) for key in archive.files}
@@ -974,15 +979,17 @@ def plot_attention(npz_path: Path, store_dir: Path, out_dir: Path, title: str = 
 class SerModelPyfunc(AudioPyfunc):
     """A trained fold as an MLflow pyfunc: waveform(s) at the store's sample rate -> class and probabilities.
 
-    The predictor is rebuilt by `sermtl.training.load_predictor` from the run's model/ folder (shipped as
+    The predictor is rebuilt by `train.training.load_predictor` from the run's model/ folder (shipped as
     the pyfunc artifact `model_dir`), so loading needs the sermtl package (the project image has it).
-    Requests are parsed and checked by sermtl.serving (the same path as the registered ensemble, which
+    Requests are parsed and checked by sermtl.mlops.serving (the same path as the registered ensemble, which
     is this with K members); the predict-time param `return_attention` adds the attention columns. The
     length limit is ServingParams' default (the fold model is not given params.yaml).
     """
 
     def load_context(self, context: Any) -> None:
-        from sermtl.training import load_predictor  # lazy: torch is only needed when the model is loaded
+        from sermtl.train.training import (
+            load_predictor,  # lazy: torch is only needed when the model is loaded
+        )
 
         predictor = load_predictor(Path(context.artifacts["model_dir"]))
         self.predictors = [predictor]
@@ -992,7 +999,7 @@ class SerModelPyfunc(AudioPyfunc):
 def model_signature(dimensions: list[str] | tuple[str, ...] = DIMENSIONS) -> Any:
     """A fold model's signature: unnamed float32 (-1,) tensor in (a named TensorSpec breaks the PyTorch
     flavour), columns out, the `return_attention` param. (The registered ensemble has no input schema, so
-    that it takes wav files as well: see sermtl.serving.)"""
+    that it takes wav files as well: see sermtl.mlops.serving.)"""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
@@ -1019,7 +1026,7 @@ def _pinned(*packages: str) -> list[str]:
 
 def model_requirements(kind: str) -> list[str]:
     """Explicit pip requirements: MLflow's inference would load the model in a subprocess (slow, and
-    it cannot see sermtl.training stand-ins)."""
+    it cannot see sermtl.train.training stand-ins)."""
     common = ("mlflow", "numpy", "pandas", "pyarrow", "soundfile", "pyyaml", "scipy")
     extra = ("torch", "torchaudio") if kind == "neural" else ("scikit-learn", "joblib", "opensmile")
     return _pinned(*common, *extra)
@@ -1095,7 +1102,7 @@ def track_study(
     being logged) FAILED instead of leaving it running; if the server is gone by then, the next study
     in the experiment does (fail_orphaned_runs).
     """
-    from sermtl.results import RESULTS_HTML, RESULTS_MARKDOWN
+    from sermtl.evaluate.results import RESULTS_HTML, RESULTS_MARKDOWN
 
     study = name or f"study-{pipeline_run_id or time.strftime('%Y%m%d-%H%M%S')}"
     parent = start_study(

@@ -4,13 +4,13 @@ Lifecycle of a version of `registry.model_name`:
 
 1. `register_study_model` (after a study and its significance tests): the **gate** (`gate_decision`) reads
    the corrected p-values of `registry.gate.test` in the study's significance report. Passed: a child run
-   "registration" of the study run receives the ensemble model (sermtl.serving), the proposed system's
+   "registration" of the study run receives the ensemble model (sermtl.mlops.serving), the proposed system's
    pooled out-of-fold predictions and the report; a new version is registered from it, tagged, and the
    alias `challenger` moved to it. Failed: nothing is registered. Either way the decision is recorded on
    the study run (tags `sermtl.gate.*` and the artifact registry/gate.json).
 2. `promote` moves `champion` to a version (default: the `challenger`) after comparing it with the
    current champion on the same evaluation data with the same tests: both versions' out-of-fold
-   predictions are paired on common utterances and run through sermtl.significance (the resampling test
+   predictions are paired on common utterances and run through evaluate.significance (the resampling test
    and its interval, at significance.unit); `registry.promotion.rule` decides (`promotion_decision`):
    not_worse is non-inferiority (on every dimension the interval of challenger - champion UAR lies at or
    above -`registry.promotion.margin`), better also needs a significant gain on one dimension. A version
@@ -46,7 +46,7 @@ a crash between the writes can only leave the champion on top of its own history
 lost), which the next promotion or rollback repairs first (`_repair`): the history never holds the same
 version twice in a row and a version is never its own `previous_champion`. The audit tags come last.
 A killed holder's lock is broken at once when its process is provably gone (same machine, see
-sermtl.procinfo), else after its expiry.
+sermtl.mlops.procinfo), else after its expiry.
 
 Aliases written: `challenger` (newest registered version that passed the gate; removed from a version
 once it is promoted), `champion`, `previous_champion` (top of the history: what `rollback` restores).
@@ -78,8 +78,8 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sermtl import procinfo, tracking
-from sermtl.metrics import evaluate_predictions, validate_predictions
+from sermtl.evaluate.metrics import evaluate_predictions, validate_predictions
+from sermtl.mlops import procinfo, tracking
 from sermtl.params import GateParams, Params, PromotionParams
 from sermtl.schema import PREDICTIONS_FILE
 
@@ -216,7 +216,7 @@ class GateDecision:
 
 
 def _as_report(report: Any) -> Any:
-    from sermtl.significance import SignificanceReport
+    from sermtl.evaluate.significance import SignificanceReport
 
     if isinstance(report, SignificanceReport):
         return report
@@ -230,10 +230,10 @@ def gate_decision(report: Any, gate: GateParams) -> GateDecision:
     than **every** baseline on at least `gate.min_dimensions_better` dimensions, and significantly worse
     on at most `gate.max_comparisons_worse` (baseline, dimension) comparisons in all.
 
-    `report` is a sermtl.significance.SignificanceReport or its `to_dict()`; significance comes from
+    `report` is a sermtl.evaluate.significance.SignificanceReport or its `to_dict()`; significance comes from
     `significance.decisive` (alpha and correction are the report's own).
     """
-    from sermtl.significance import decisive
+    from sermtl.evaluate.significance import decisive
 
     report = _as_report(report)
     verdicts = decisive(report, gate.test)
@@ -310,7 +310,7 @@ class PromotionLock:
       until `timeout_s` has passed, then raise LockTimeout naming the holder.
     - expiry: a lock expires `expiry_s` (default `timeout_s`) after it was taken, by the holder's clock
       (clocks are assumed in sync to well under that). A lock whose holder provably no longer runs (it
-      records host, pid, the pid's start time, boot id and pid namespace: sermtl.procinfo) is stale at
+      records host, pid, the pid's start time, boot id and pid namespace: sermtl.mlops.procinfo) is stale at
       once, so a SIGKILLed promotion on this machine costs no wait; one held from another machine or
       container waits for its expiry. A waiter that finds a stale lock (expired, or its holder gone)
       breaks it: it first creates the marker `<lock>.broken-<token>` (again a unique
@@ -362,7 +362,7 @@ class PromotionLock:
             self.client.create_registered_model(
                 self.lock_name,
                 tags=tags,
-                description=f"Lock on alias changes of {self.name} (sermtl.registry); "
+                description=f"Lock on alias changes of {self.name} (sermtl.mlops.registry); "
                 "deleted when released, breakable once expired.",
             )
         except MlflowException as exc:
@@ -762,7 +762,7 @@ def register_study_model(
     )
     run_id = run.info.run_id
     try:
-        from sermtl import model_logging
+        from sermtl.mlops import model_logging
 
         model_uri = model_logging.log_ensemble_model(
             Path(train_dir), system, folds, params, run_id=run_id, tracking_uri=uri
@@ -885,7 +885,7 @@ def promotion_decision(
     A significant loss smaller than the margin does not refuse (the margin says it is acceptable); it is
     listed in `worse` and in the reasons. `report` is a SignificanceReport or its `to_dict()`.
     """
-    from sermtl.significance import decisive
+    from sermtl.evaluate.significance import decisive
 
     report = _as_report(report)
     verdicts = decisive(report, PROMOTION_TEST)
@@ -955,16 +955,16 @@ def compare_predictions(
 ) -> dict[str, Any]:
     """Challenger vs champion on their common utterances with the study's paired tests (no server).
 
-    `challenger` and `champion` are out-of-fold prediction tables (sermtl.metrics.PREDICTION_COLUMNS; their
+    `challenger` and `champion` are out-of-fold prediction tables (evaluate.metrics.PREDICTION_COLUMNS; their
     `system` column is replaced). They are paired per dimension on utterance ids present in both (labels
-    must agree: otherwise it is not the same evaluation data), then sermtl.significance runs with the
+    must agree: otherwise it is not the same evaluation data), then sermtl.evaluate.significance runs with the
     challenger as proposed system and the champion as the only baseline (same settings: resampling, unit,
     resamples, confidence, alpha, correction over the dimensions, subset), and `promotion_decision`
     applies `registry.promotion.rule`. Returns the evidence (JSON-able) including `rule_passed` and
     `reasons`; raises PromotionRefused(kind="evidence") if the two cannot be compared. `names` label the
     two in messages (e.g. {"challenger": "v3", "champion": "v2"}).
     """
-    from sermtl.significance import significance_tests
+    from sermtl.evaluate.significance import significance_tests
 
     label = {"challenger": "challenger", "champion": "champion", **(names or {})}
     frames = {

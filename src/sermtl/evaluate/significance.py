@@ -4,9 +4,9 @@ The proposed system (eval.proposed_system) and a baseline are compared on the sa
 over the folds, paired by utterance_id within a dimension) with three tests, because the literature
 uses all three and they answer slightly different questions. A neural system's prediction is that of
 its seed ensemble (the fold's predictions.parquet: the mean of the train.seeds runs' class probabilities,
-the class its argmax; sermtl.training), so a comparison does not hang on one initialisation. The tests
+the class its argmax; sermtl.train.training), so a comparison does not hang on one initialisation. The tests
 still take those predictions as given: the spread over seeds is not part of their p-values, it is
-reported beside them in the results table (sermtl.results).
+reported beside them in the results table (sermtl.evaluate.results).
 
 - resampling: a paired permutation test (`significance.resampling: permutation`) or bootstrap of the
   UAR difference, with a confidence interval of it;
@@ -60,9 +60,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from sermtl.corpus import UTTERANCE_ID_RE
+from sermtl.data.corpus import UTTERANCE_ID_RE
+from sermtl.evaluate.metrics import NUM_CLASSES
 from sermtl.fsutil import write_report_files
-from sermtl.metrics import NUM_CLASSES
 from sermtl.params import Params, SignificanceParams
 from sermtl.schema import SIGNIFICANCE_HTML, SIGNIFICANCE_JSON, SIGNIFICANCE_MARKDOWN
 
@@ -74,7 +74,7 @@ RESAMPLE_CHUNK = 65536  # resamples drawn at once: bounds memory to a few MB wha
 _CELLS = NUM_CLASSES * 4  # (class, proposed correct, baseline correct), index class * 4 + 2 * p + b
 _TIE = 1e-12  # floating-point slack when comparing resampled statistics with the observed one
 # significance.unit: what is resampled as independent. The speaker, dialog and session follow from the
-# IEMOCAP utterance id (sermtl.corpus.UTTERANCE_ID_RE), so the tests need only the prediction table.
+# IEMOCAP utterance id (sermtl.data.corpus.UTTERANCE_ID_RE), so the tests need only the prediction table.
 UNITS: tuple[str, ...] = ("utterance", "dialog", "speaker", "session")
 EXACT_SIGN_FLIP_CLUSTERS = 16  # up to 2^16 sign patterns are enumerated rather than sampled
 _REQUIRED = ("utterance_id", "system", "dimension", "improvised", "label", "prediction")
@@ -182,7 +182,7 @@ def cell_counts(labels: np.ndarray, proposed_correct: np.ndarray, baseline_corre
 def paired_uars(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """UAR of both systems for each row of cell counts (shape (..., 12)), over the classes present.
 
-    Same definition as sermtl.metrics.uar: mean over classes of correct / label count.
+    Same definition as sermtl.evaluate.metrics.uar: mean over classes of correct / label count.
     """
     cells = np.asarray(counts).reshape(*np.shape(counts)[:-1], NUM_CLASSES, 2, 2)
     support = cells.sum(axis=(-2, -1))
@@ -693,7 +693,7 @@ def _rng(seed: int, baseline: str, dimension: str) -> np.random.Generator:
 def significance_tests(predictions: pd.DataFrame, params: Params) -> SignificanceReport:
     """Compare eval.proposed_system with each baseline on each of eval.dimensions (see module docstring).
 
-    `predictions` follows sermtl.metrics.PREDICTION_COLUMNS (the pooled table of results.load_runs).
+    `predictions` follows sermtl.evaluate.metrics.PREDICTION_COLUMNS (the pooled table of results.load_runs).
     An utterance that one system lacks, or whose label differs between the two, is an error naming the
     system, the dimension and example utterances; so is a significance.unit with too few clusters for the
     resampling test ever to reach alpha after the correction.
@@ -1141,7 +1141,7 @@ def read_report(path: Path) -> SignificanceReport:
 
 def run_significance(train_dir: Path, out_dir: Path, params: Params) -> SignificanceReport:
     """Load the finished study in train_dir (results.load_runs), test it and write the report."""
-    from sermtl.results import load_runs
+    from sermtl.evaluate.results import load_runs
 
     train_dir = Path(train_dir)
     if not train_dir.is_dir():

@@ -33,9 +33,9 @@ from typing import Any
 
 import yaml
 
-from sermtl import gitinfo
 from sermtl.errors import redact_text, redact_uri
 from sermtl.fsutil import atomic_write
+from sermtl.mlops import gitinfo
 from sermtl.params import DEFAULT_PARAMS_PATH, ParamsError, load_params
 
 PACKAGE = "sermtl"

@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from sermtl.data.sources import CorpusError, SourceFile
 from sermtl.fsutil import OUTPUT_MARKER
 from sermtl.params import Thresholds
-from sermtl.sources import CorpusError, SourceFile
 
 UTTERANCE_ID_RE = re.compile(
     r"^(?P<dialog>Ses(?P<session>\d{2})(?P<mocap>[FM])_(?P<kind>impro|script)[0-9A-Za-z]+(?:_[0-9A-Za-z]+)*)"

@@ -24,8 +24,8 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from sermtl.audio import AudioProblem, AudioStoreWriter, audio_stats, decode_wav, store_samples
-from sermtl.corpus import (
+from sermtl.data.audio import AudioProblem, AudioStoreWriter, audio_stats, decode_wav, store_samples
+from sermtl.data.corpus import (
     Annotation,
     classify_files,
     parse_emo_evaluation,
@@ -34,6 +34,7 @@ from sermtl.corpus import (
     to_class,
     wav_path_for,
 )
+from sermtl.data.sources import CorpusError, listing_fingerprint, open_source
 from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir, write_json
 from sermtl.params import Params
 from sermtl.schema import (
@@ -44,7 +45,6 @@ from sermtl.schema import (
     REPORT_FILE,
     STORE_META_FILE,
 )
-from sermtl.sources import CorpusError, listing_fingerprint, open_source
 
 INGEST_FORMAT_VERSION = 2  # 2: store.json records the audio checksum
 EXAMPLES_PER_REASON = 20

@@ -61,7 +61,7 @@ import numpy as np
 from scipy.signal import lfilter
 from tqdm import tqdm
 
-from sermtl.corpus import to_class
+from sermtl.data.corpus import to_class
 from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir
 from sermtl.parallel import worker_count
 from sermtl.params import Thresholds

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sermtl.audio import AudioStore
-from sermtl.model import frame_count
+from sermtl.data.audio import AudioStore
+from sermtl.model.network import frame_count
 
 PCM_SCALE = np.float32(1.0 / 32768.0)  # exact for int16: every value is representable
 

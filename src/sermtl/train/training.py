@@ -9,8 +9,8 @@ the lower validation loss), and scores the held-out session, which training neve
   the other, and their predictions are merged.
 - Loss: sum over tasks of `model.loss_weights[task] * cross-entropy` (class-balanced weights, inverse
   class frequency in the training split, when `train.class_balanced_loss`: the one switch that
-  sermtl.egemaps reads too, so every system is weighted alike).
-- Data: segments come from the memory-mapped audio store (see sermtl.batching); `train.num_workers`
+  sermtl.model.egemaps reads too, so every system is weighted alike).
+- Data: segments come from the memory-mapped audio store (see sermtl.model.batching); `train.num_workers`
   > 0 collates upcoming batches in that many background threads (same batches, same order).
 - Seeds: every network is trained once per seed of `train.seeds`, each seed a sub-run of the fold
   (`<out_dir>/seed<s>/`, a run directory of its own). The fold predicts with the seed ensemble: per
@@ -72,8 +72,24 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sermtl.audio import AudioStore
-from sermtl.batching import (
+from sermtl.data.audio import AudioStore
+from sermtl.data.folds import Fold, leave_one_session_out
+from sermtl.evaluate.metrics import (
+    PREDICTION_COLUMNS,
+    PROBABILITY_COLUMNS,
+    evaluate_predictions,
+    uar,
+    validate_predictions,
+)
+from sermtl.fsutil import (
+    atomic_directory,
+    atomic_write,
+    check_output_dir,
+    read_marker,
+    write_json,
+    write_marker,
+)
+from sermtl.model.batching import (
     Segment,
     UtteranceSet,
     WaveformSource,
@@ -84,23 +100,7 @@ from sermtl.batching import (
     pool_segments,
     training_batches,
 )
-from sermtl.folds import Fold, leave_one_session_out
-from sermtl.fsutil import (
-    atomic_directory,
-    atomic_write,
-    check_output_dir,
-    read_marker,
-    write_json,
-    write_marker,
-)
-from sermtl.metrics import (
-    PREDICTION_COLUMNS,
-    PROBABILITY_COLUMNS,
-    evaluate_predictions,
-    uar,
-    validate_predictions,
-)
-from sermtl.model import ModelConfig, SerModel, build_model, count_parameters
+from sermtl.model.network import ModelConfig, SerModel, build_model, count_parameters
 from sermtl.schema import (
     ATTENTION_FILE,
     CHECKPOINT_FILE,
@@ -633,7 +633,7 @@ def train_fold(
     system = _check_request(params, system_name, fold_index)
     check_output_dir(out_dir, TRAIN_RUN_OUTPUT, [("store", store_dir)])
     if system.kind == "egemaps":
-        from sermtl import egemaps
+        from sermtl.model import egemaps
 
         return egemaps.train_fold(store_dir, system_name, fold_index, out_dir, params)  # no seeds
 
@@ -1189,7 +1189,7 @@ class Predictor:
 def load_predictor(model_dir: Path | str, device: str = "cpu") -> Any:
     """Rebuild the trained network(s) of a run directory's model/ folder (a fold's: every seed's)."""
     model_dir = Path(model_dir)
-    from sermtl import egemaps
+    from sermtl.model import egemaps
 
     if (model_dir / egemaps.MODEL_FILE).is_file():
         return egemaps.load_predictor(model_dir)  # the hand-crafted baseline

@@ -5,7 +5,7 @@ the study is complete, and writes the pooled predictions (input of the significa
 table, Markdown for the terminal and KFP, and an HTML page with a chart.
 
 A fold of a neural system predicts with the mean of its seeds' class probabilities (train.seeds; see
-sermtl.training), and that is what is pooled, scored and tested. Each system's spread over seeds is
+sermtl.train.training), and that is what is pooled, scored and tested. Each system's spread over seeds is
 reported beside it: per dimension, the pooled UAR of each seed's own predictions (fold<k>/seed<s>/,
 pooled over the folds), their mean and sd over seeds (`seeds`, `seed_uars`, `seed_uar_mean`,
 `seed_uar_std`). A system without seed sub-runs (the deterministic eGeMAPS baseline) counts as one seed.
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sermtl import health
+from sermtl.evaluate import health
+from sermtl.evaluate.metrics import evaluate_predictions, validate_predictions
 from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir
-from sermtl.metrics import evaluate_predictions, validate_predictions
 from sermtl.params import Params
 from sermtl.schema import PREDICTIONS_FILE, RUN_METRICS_FILE, SEED_RUN_PREFIX
 

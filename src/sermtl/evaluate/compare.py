@@ -2,15 +2,15 @@
 
 Everything comes from the tracking server, not from local run folders, so a study trained on a cluster
 can be compared anywhere that can reach its server. The study is a parent run carrying the
-`sermtl.study` tag (sermtl.tracking.start_study) with one child run per (system, fold):
+`sermtl.study` tag (sermtl.mlops.tracking.start_study) with one child run per (system, fold):
 
 - fold UAR mean and sd come from the children's metrics (`test_<subset>_<dimension>_uar`);
 - pooled UAR comes from the children's `predictions.parquet` artifacts pooled over the folds, checked
   against the parent's `pooled_<system>_<subset>_<dimension>_uar` metric when the parent has one;
 - its 95% (significance.confidence) percentile bootstrap interval resamples the pooled utterances with
-  the vectorised cell-count bootstrap of sermtl.significance (fixed seed: significance.seed);
+  the vectorised cell-count bootstrap of sermtl.evaluate.significance (fixed seed: significance.seed);
 - markers come from the parent's `significance/significance.json` (logged by `log_significance`),
-  decided by registry.gate.test through sermtl.significance.decisive.
+  decided by registry.gate.test through sermtl.evaluate.significance.decisive.
 
 The result is written as comparison.{md,html,json} and logged on the parent run under `comparison/`.
 """
@@ -39,19 +39,9 @@ from mlflow.entities import Metric, Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sermtl import tracking
 from sermtl.errors import redact_uri
-from sermtl.fsutil import write_report_files
-from sermtl.metrics import SUBSETS, confusion, uar, validate_predictions
-from sermtl.params import Params
-from sermtl.schema import (
-    CLASS_NAMES,
-    PREDICTIONS_FILE,
-    SIGNIFICANCE_HTML,
-    SIGNIFICANCE_JSON,
-    SIGNIFICANCE_MARKDOWN,
-)
-from sermtl.significance import (
+from sermtl.evaluate.metrics import SUBSETS, confusion, uar, validate_predictions
+from sermtl.evaluate.significance import (
     P_VALUE_KEYS,
     SignificanceReport,
     bootstrap_differences,
@@ -59,6 +49,16 @@ from sermtl.significance import (
     decisive,
     read_report,
     write_report,
+)
+from sermtl.fsutil import write_report_files
+from sermtl.mlops import tracking
+from sermtl.params import Params
+from sermtl.schema import (
+    CLASS_NAMES,
+    PREDICTIONS_FILE,
+    SIGNIFICANCE_HTML,
+    SIGNIFICANCE_JSON,
+    SIGNIFICANCE_MARKDOWN,
 )
 
 CHANCE_UAR = 1 / 3
@@ -178,7 +178,7 @@ def find_study(
         if tracking.TAG_STUDY not in tags:
             raise CompareError(
                 f"run {study!r} ({run.info.run_name}) is not a study: it has no {tracking.TAG_STUDY!r} tag "
-                "(studies are logged by `sermtl results` / sermtl.tracking.track_study)"
+                "(studies are logged by `sermtl results` / sermtl.mlops.tracking.track_study)"
             )
         if experiment:
             wanted = mlflow_client.get_experiment_by_name(experiment)
@@ -303,7 +303,7 @@ def _fold_uars(
             raise CompareError(
                 f"child {_child_label(child)} lacks metric {key!r}"
                 + ("" if has_rows else f" and has no {dimension} predictions")
-                + " (was it logged by sermtl.tracking.log_fold_run of a finished training run?)"
+                + " (was it logged by sermtl.mlops.tracking.log_fold_run of a finished training run?)"
             )
         else:
             out[dimension] = None
@@ -358,7 +358,7 @@ def bootstrap_uar_interval(
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of one system's UAR over utterances resampled with replacement.
 
-    Reuses the paired cell-count bootstrap of sermtl.significance with a "baseline" that is never right:
+    Reuses the paired cell-count bootstrap of evaluate.significance with a "baseline" that is never right:
     its UAR is 0 in every resample, so the resampled differences are exactly this system's UARs.
     """
     labels = np.asarray(labels, dtype=np.int64)
@@ -788,7 +788,7 @@ def log_significance(
     `significance/` and metrics `significance_<baseline>_<dimension>_p_<test>` (Holm/none-adjusted,
     tests P_VALUE_KEYS) and `significance_<baseline>_<dimension>_difference` (proposed - baseline UAR).
 
-    `out_dir_or_report` is the folder written by sermtl.significance.write_report (or its
+    `out_dir_or_report` is the folder written by sermtl.evaluate.significance.write_report (or its
     significance.json), or a SignificanceReport, which is written to a temporary folder first.
     """
     mlflow_client = tracking.client(tracking_uri)

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import mlflow.pyfunc
 
-from sermtl import serving, tracking
+from sermtl.mlops import serving, tracking
 from sermtl.params import Params
 
 

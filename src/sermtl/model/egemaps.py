@@ -39,10 +39,10 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from sermtl.audio import AudioStore
-from sermtl.folds import leave_one_session_out
+from sermtl.data.audio import AudioStore
+from sermtl.data.folds import leave_one_session_out
+from sermtl.evaluate.metrics import PREDICTION_COLUMNS, PROBABILITY_COLUMNS, evaluate_predictions, uar
 from sermtl.fsutil import atomic_directory, atomic_write, check_output_dir, write_json
-from sermtl.metrics import PREDICTION_COLUMNS, PROBABILITY_COLUMNS, evaluate_predictions, uar
 from sermtl.parallel import worker_count
 from sermtl.params import Params
 from sermtl.schema import (
@@ -459,7 +459,7 @@ def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path
 
 
 class EgemapsPredictor:
-    """A trained eGeMAPS fold as a function of one waveform, like sermtl.training.Predictor (no attention)."""
+    """A trained eGeMAPS fold as a function of one waveform, like train.training.Predictor (no attention)."""
 
     def __init__(self, model: dict[str, Any]) -> None:
         self.pipelines = model["pipelines"]

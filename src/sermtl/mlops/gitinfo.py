@@ -1,6 +1,6 @@
 """Which source state produced a result: the git commit and whether the tree had changes.
 
-Kept apart from sermtl.tracking (which imports MLflow, seconds) so `sermtl pipeline compile` stays quick.
+Kept apart from mlops.tracking (which imports MLflow, seconds) so `sermtl pipeline compile` stays quick.
 """
 
 from __future__ import annotations

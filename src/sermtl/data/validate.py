@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sermtl.audio import audio_checksum
-from sermtl.corpus import UTTERANCE_ID_RE
+from sermtl.data.audio import audio_checksum
+from sermtl.data.corpus import UTTERANCE_ID_RE
 from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir, write_json
 from sermtl.params import Params
 from sermtl.schema import (

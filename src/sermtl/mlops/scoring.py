@@ -220,11 +220,11 @@ def serve(
         os.environ[MAX_REQUEST_BYTES_ENV] = str(_positive_int(str(max_request_bytes), "--max-request-bytes"))
     if timeout_s is not None:
         os.environ[TIMEOUT_ENV] = str(int(timeout_s))
-    from sermtl import tracking
+    from sermtl.mlops import tracking
 
     with tempfile.TemporaryDirectory(prefix="sermtl-serve-") as tmp:
         # A registry that does not answer fails within the retry budget, naming it without credentials.
         with tracking.mlflow_service():
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
         os.environ[MODEL_PATH_ENV] = local
-        uvicorn.run("sermtl.scoring:create_app", factory=True, host=host, port=port, workers=workers)
+        uvicorn.run("sermtl.mlops.scoring:create_app", factory=True, host=host, port=port, workers=workers)

@@ -11,7 +11,7 @@ members too: every network of a system frames the audio identically (same frame 
 logging), so frame i means the same stretch of audio for all of them, and the mean is again a
 distribution over the frames.
 
-Input contract (`parse_input`, used by the ensemble and by the per-fold models of sermtl.tracking; the
+Input contract (`parse_input`, used by the ensemble and by the per-fold models of sermtl.mlops.tracking; the
 fold models keep a float32 TensorSpec signature, so over HTTP they take float samples only):
 
 - raw audio: one mono waveform (1-D float32/float64 in [-1, 1], or int16 PCM, scaled by 1/32768) at the
@@ -35,7 +35,7 @@ fold models keep a float32 TensorSpec signature, so over HTTP they take float sa
   file is decoded or any sample converted. The limits are recorded in serving.json when the model is
   logged, so the served model needs no params.yaml. The fourth limit, `serving.max_request_bytes`, is not
   the model's to check (MLflow has parsed the whole body before the model is called): `sermtl serve`
-  (sermtl.scoring) refuses larger bodies with 413 before they are read.
+  (sermtl.mlops.scoring) refuses larger bodies with 413 before they are read.
 
 Errors are `InvalidAudioError`: a ValueError and an MlflowException with INVALID_PARAMETER_VALUE, which
 MLflow's scoring server (`mlflow models serve`) answers with HTTP 400 and the message (a plain ValueError
@@ -80,7 +80,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from sermtl.metrics import PROBABILITY_COLUMNS
+from sermtl.evaluate.metrics import PROBABILITY_COLUMNS
 from sermtl.params import DataParams, Params, ServingParams
 from sermtl.schema import CLASS_NAMES, DIMENSIONS, MODEL_DIR
 
@@ -555,7 +555,7 @@ class AudioPyfunc(mlflow.pyfunc.PythonModel):
     min_duration_s: float = _DEFAULT_LIMITS.min_duration_s
     max_total_duration_s: float = _DEFAULT_LIMITS.max_total_duration_s
     # Not checked here (the body is parsed before the model sees it): read by `sermtl serve`
-    # (sermtl.scoring), which refuses larger request bodies with 413 before they are parsed.
+    # (sermtl.mlops.scoring), which refuses larger request bodies with 413 before they are parsed.
     max_request_bytes: int = _DEFAULT_LIMITS.max_request_bytes
     frame_s: float = 0.0  # the front end's frame; 0: taken from the members' networks
     return_attention: bool = False
@@ -592,7 +592,7 @@ class SerEnsemblePyfunc(AudioPyfunc):
     """The registered model: the K fold models of one system (each with its seeds' networks),
     probabilities averaged.
 
-    Artifacts: `fold<k>` (each fold's model/ folder, rebuilt by sermtl.training.load_predictor) and
+    Artifacts: `fold<k>` (each fold's model/ folder, rebuilt by sermtl.train.training.load_predictor) and
     `serving_config` (serving.json: format, system, folds, sample_rate, the request limits
     max_duration_s, min_duration_s (already at least one frame), max_total_duration_s and
     max_request_bytes, return_attention, dimensions, frame_s, frame_hop_s, class_names). Loading needs the
@@ -600,7 +600,9 @@ class SerEnsemblePyfunc(AudioPyfunc):
     """
 
     def load_context(self, context: Any) -> None:
-        from sermtl.training import load_predictor  # lazy: torch is only needed when the model is loaded
+        from sermtl.train.training import (
+            load_predictor,  # lazy: torch is only needed when the model is loaded
+        )
 
         config = json.loads(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
         if config.get("format") != SERVING_FORMAT:
@@ -677,7 +679,7 @@ def ensemble_members(
     train_dir: Path, system: str, folds: list[int] | int, params: Params
 ) -> tuple[dict[int, Path], dict[str, Any]]:
     """{fold: model dir} of a trained neural system and its serving.json; errors name what is wrong."""
-    from sermtl.training import MODEL_FORMATS
+    from sermtl.train.training import MODEL_FORMATS
 
     spec = params.systems.get(system)
     if spec is None:

@@ -1,0 +1,1 @@
+"""What is trained: the end-to-end network, its batching, and the eGeMAPS baseline."""
