@@ -15,7 +15,7 @@ import pytest
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real SeaweedFS S3 server on 127.0.0.1 for the whole test session."""
-    from sermtl.localstack import SeaweedS3
+    from sermtl_localstack import SeaweedS3
 
     server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
     saved = {k: os.environ.get(k) for k in server.client_env()}
@@ -33,7 +33,7 @@ def s3_server(tmp_path_factory):
 def postgres_server():
     """A real PostgreSQL server on 127.0.0.1 for the whole test session (a throw-away cluster in a temp
     folder; as root it runs as the `postgres` user). If it cannot start, tests using it error with why."""
-    from sermtl.localstack import PostgresServer
+    from sermtl_localstack import PostgresServer
 
     server = PostgresServer().start()
     yield server
@@ -49,8 +49,7 @@ def pg_mlflow_server(tmp_path_factory, postgres_server, s3_server):
     the database from different processes. Clients need only MLFLOW_TRACKING_URI=<.tracking_uri>.
     """
     import boto3
-
-    from sermtl.localstack import MlflowServer
+    from sermtl_localstack import MlflowServer
 
     bucket = "mlflow-pg"
     boto3.client(

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sermtl_localstack import MlflowServer
 from study_builder import write_study
 from typer.testing import CliRunner
 
@@ -29,7 +30,6 @@ from sermtl.evaluate.compare import (
 from sermtl.evaluate.metrics import uar
 from sermtl.evaluate.results import collect_results
 from sermtl.evaluate.significance import decisive, significance_tests, write_report
-from sermtl.localstack import MlflowServer
 from sermtl.mlops import tracking
 from sermtl.params import Params
 from sermtl.schema import PREDICTIONS_FILE

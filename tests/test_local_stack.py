@@ -1,5 +1,5 @@
 """infra/local: the stack of the cluster (mlflow server on PostgreSQL, artifacts on SeaweedFS S3) on one
-machine, through `python -m sermtl.localstack up|status|down` as users run it.
+machine, through `python -m sermtl_localstack up|status|down` as users run it.
 
 One temp folder goes through up (detached) -> a run with an artifact -> status -> down -> up again in the
 foreground -> Ctrl-C: the run, its parameters and its artifact survive the restart.
@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from sermtl.localstack import STACK_BUCKETS, _port_open, pid_alive
+from sermtl_localstack import STACK_BUCKETS, _port_open, pid_alive
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +43,7 @@ def cli_env() -> dict[str, str]:
 
 def stack(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        [sys.executable, "-m", "sermtl.localstack", *args],
+        [sys.executable, "-m", "sermtl_localstack", *args],
         env=cli_env(),
         capture_output=True,
         text=True,
@@ -150,7 +149,7 @@ def test_up_run_status_down_restart_keeps_runs(stack_dir: Path, tmp_path: Path):
     assert "no stack running" in stack("down", "--dir", str(stack_dir)).stdout  # idempotent
 
     # --- up again on the same folder, in the foreground (new free ports): the run is still there ---
-    command = [sys.executable, "-m", "sermtl.localstack", "up", "--dir", str(stack_dir), *ANY_PORT]
+    command = [sys.executable, "-m", "sermtl_localstack", "up", "--dir", str(stack_dir), *ANY_PORT]
     foreground = subprocess.Popen(
         [*command, "--foreground", "--grace", "3", "--timeout", "240"],
         env=cli_env(),

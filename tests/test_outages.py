@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from sermtl_localstack import MlflowServer, free_port
 from typer.testing import CliRunner
 
 from sermtl.cli import app
@@ -34,7 +35,6 @@ from sermtl.errors import ServiceUnreachable
 from sermtl.evaluate.compare import log_significance
 from sermtl.evaluate.results import load_runs
 from sermtl.evaluate.significance import significance_tests
-from sermtl.localstack import MlflowServer, free_port
 from sermtl.mlops import procinfo, registry, tracking
 from sermtl.params import Params
 from tests.study_builder import write_study

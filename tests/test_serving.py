@@ -22,9 +22,9 @@ import pytest
 import soundfile
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import ErrorCode
+from sermtl_localstack import LOOPBACK, MlflowServer, free_port, mlflow_command, stop_process_group
 
 from sermtl.evaluate.metrics import PROBABILITY_COLUMNS
-from sermtl.localstack import LOOPBACK, MlflowServer, free_port, mlflow_command, stop_process_group
 from sermtl.mlops import model_logging, serving, tracking
 from sermtl.mlops.serving import InvalidAudioError, parse_input
 from sermtl.params import params_from_dict

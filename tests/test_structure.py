@@ -10,9 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def project_sources() -> dict[str, str]:
-    """Module name -> source, for the library (src/sermtl) and the top-level pipelines/ and components/."""
+    """Module name -> source: the library, pipelines/, components/ and the local stack (infra/local)."""
     found = {}
-    for base, top in ((ROOT / "src", "sermtl"), (ROOT, "pipelines"), (ROOT, "components")):
+    roots = ((ROOT / "src", "sermtl"), (ROOT, "pipelines"), (ROOT, "components"))
+    for base, top in (*roots, (ROOT / "infra/local/src", "sermtl_localstack")):
         for path in sorted((base / top).rglob("*.py")):
             parts = list(path.relative_to(base).with_suffix("").parts)
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path.read_text()

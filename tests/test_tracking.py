@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sermtl_localstack import MlflowServer
 
 import sermtl
 from sermtl.data.audio import AudioStore
@@ -25,7 +26,6 @@ from sermtl.data.ingest import ingest
 from sermtl.data.synth import synthesize
 from sermtl.evaluate.metrics import PREDICTION_COLUMNS, evaluate_predictions, flat_metrics
 from sermtl.evaluate.results import results_table, to_html, to_markdown
-from sermtl.localstack import MlflowServer
 from sermtl.mlops import tracking
 from sermtl.params import Params
 from sermtl.schema import DIMENSIONS

@@ -5,7 +5,7 @@ sermtl.schema) and never talks to MLflow, so a study can be trained offline, re-
 different server. This module turns those directories into MLflow runs: params, per-epoch curves,
 final metrics, plots, the raw files and the trained model as a pyfunc that takes a waveform.
 
-Where runs go: `$MLFLOW_TRACKING_URI` (a server, e.g. sermtl.localstack.MlflowServer or a cluster's),
+Where runs go: `$MLFLOW_TRACKING_URI` (a server, e.g. sermtl_localstack.MlflowServer or a cluster's),
 else a sqlite store under ./mlruns with an explicit artifact root, so nothing lands in a random cwd.
 All functions take `tracking_uri=` to override that and use MlflowClient, so no global MLflow state
 (active run, tracking URI) is left behind; only model logging briefly needs a fluent active run.

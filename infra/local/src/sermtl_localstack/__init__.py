@@ -798,7 +798,7 @@ class LocalStack:
         import shlex
 
         lines = [
-            f"# The sermtl local stack in {self.directory} (`python -m sermtl.localstack up`).",
+            f"# The sermtl local stack in {self.directory} (`python -m sermtl_localstack up`).",
             f"# In a shell: source {shlex.quote(str(self.env_path))}",
             *(f"export {key}={shlex.quote(value)}" for key, value in self.client_env(state).items()),
             f"# MLflow's backend store (used by the server only): {state['backend_store_uri']}",
@@ -1053,12 +1053,12 @@ class LocalStack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sermtl.localstack up|down|status --dir DIR`: the local stack (see infra/local/README.md)."""
+    """`python -m sermtl_localstack up|down|status --dir DIR`: the local stack (see infra/local/README.md)."""
     import argparse
     import json
 
     parser = argparse.ArgumentParser(
-        prog="python -m sermtl.localstack",
+        prog="python -m sermtl_localstack",
         description="MLflow server + PostgreSQL + SeaweedFS S3 on 127.0.0.1, without Kubernetes.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1100,7 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(("already running: " if already else "") + stack.describe(state))
-        print(f"stop it with: python -m sermtl.localstack down --dir {stack.directory}")
+        print(f"stop it with: python -m sermtl_localstack down --dir {stack.directory}")
         return 0
     stack = LocalStack(args.dir)
     if args.command == "down":
@@ -1118,7 +1118,3 @@ def main(argv: list[str] | None = None) -> int:
             word = "up" if service["healthy"] else "running, not answering" if service["alive"] else "down"
             print(f"  {name:<10} {word:<24} pid {service['pid']}  {service['url']}")
     return {"running": 0, "degraded": 1}.get(report["state"], 3)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m sermtl_localstack up|down|status`."""
+
+import sys
+
+from sermtl_localstack import main
+
+sys.exit(main())
