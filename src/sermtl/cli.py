@@ -214,7 +214,10 @@ def train(
         _fail(f"fold {fold} is out of range; valid: 0..{folds - 1} (one per session)")
     if device is not None and device not in ("auto", "cpu", "cuda"):
         _fail(f"device {device!r} is not one of auto, cpu, cuda")
-    run_dir = out if out is not None else Path("artifacts/train") / system / f"fold{fold}"
+    from sermtl.schema import DEFAULT_TRAIN_DIR
+    from sermtl.schema import run_dir as default_run_dir
+
+    run_dir = out if out is not None else default_run_dir(DEFAULT_TRAIN_DIR, system, fold)
     try:
         metrics = train_fold(
             store, system, fold, run_dir, params, device=device, resume=resume, progress=sys.stderr.isatty()

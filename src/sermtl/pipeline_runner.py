@@ -236,13 +236,13 @@ def link_runs(run_dirs: list[str], train_dir: Path) -> Path:
 
     Each run names its (system, fold) in metrics.json.
     """
-    from sermtl.schema import RUN_METRICS_FILE
+    from sermtl.schema import RUN_METRICS_FILE, run_dir
 
     for run in run_dirs:
         meta = _read_json(Path(run) / RUN_METRICS_FILE)
         if "system" not in meta or "fold" not in meta:
             raise FileNotFoundError(f"{run}: no {RUN_METRICS_FILE} naming its system and fold")
-        link = train_dir / meta["system"] / f"fold{meta['fold']}"
+        link = run_dir(train_dir, meta["system"], meta["fold"])
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(Path(run).resolve(), target_is_directory=True)
     return train_dir

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sermtl.fsutil import OutputKind
 
 DIMENSIONS: tuple[str, ...] = ("valence", "arousal", "dominance")
@@ -45,6 +47,7 @@ STORE_META_FILE = "store.json"
 # A training run directory, one per (system, fold): artifacts/train/<system>/fold<k>/, holding the seed
 # ensemble's outputs and, for a neural system, one sub-run per seed of train.seeds: fold<k>/seed<s>/ (a run
 # directory with the same files, of that seed alone; see sermtl.train.training)
+DEFAULT_TRAIN_DIR = Path("artifacts/train")
 SEED_RUN_PREFIX = "seed"
 SEED_RUN_PATTERN = rf"{SEED_RUN_PREFIX}[0-9]+"
 PREDICTIONS_FILE = (
@@ -64,6 +67,12 @@ TRAIN_RUN_OUTPUT = OutputKind.of(
     (CHECKPOINT_FILE,),
     patterns=(SEED_RUN_PATTERN,),
 )
+
+
+def run_dir(train_dir: str | Path, system: str, fold: int) -> Path:
+    """The one place the run-folder layout is spelled: <train_dir>/<system>/fold<k>."""
+    return Path(train_dir) / system / f"fold{fold}"
+
 
 # Output of `sermtl significance` (evaluate.significance): paired tests of the proposed system vs baselines.
 SIGNIFICANCE_JSON = "significance.json"  # SignificanceReport.to_dict(), read by the registration gate

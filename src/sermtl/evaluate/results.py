@@ -26,7 +26,7 @@ from sermtl.evaluate import health
 from sermtl.evaluate.metrics import evaluate_predictions, validate_predictions
 from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir
 from sermtl.params import Params
-from sermtl.schema import PREDICTIONS_FILE, RUN_METRICS_FILE, SEED_RUN_PREFIX
+from sermtl.schema import PREDICTIONS_FILE, RUN_METRICS_FILE, SEED_RUN_PREFIX, run_dir
 
 SEED_RUNS_KEY = "seeds"  # of a fold's metrics.json: the seeds whose sub-runs fold<k>/seed<s>/ it averages
 
@@ -42,10 +42,6 @@ RESULTS_OUTPUT = OutputKind.of(
     (POOLED_PREDICTIONS, RESULTS_JSON, RESULTS_MARKDOWN, RESULTS_HTML, STUDY_RECORD, health.HEALTH_JSON),
     (RESULTS_JSON,),
 )
-
-
-def run_dir(train_dir: Path, system: str, fold: int) -> Path:
-    return Path(train_dir) / system / f"fold{fold}"
 
 
 def load_runs(train_dir: Path, params: Params) -> tuple[pd.DataFrame, list[dict[str, Any]]]:

@@ -81,7 +81,7 @@ from mlflow.tracking import MlflowClient
 from sermtl.evaluate.metrics import evaluate_predictions, validate_predictions
 from sermtl.mlops import procinfo, tracking
 from sermtl.params import GateParams, Params, PromotionParams
-from sermtl.schema import PREDICTIONS_FILE
+from sermtl.schema import PREDICTIONS_FILE, run_dir
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -636,7 +636,7 @@ def pooled_predictions(train_dir: Path, system: str, folds: list[int]) -> pd.Dat
     """The out-of-fold predictions of `system` over `folds` (one table); a missing fold is an error."""
     frames = []
     for fold in folds:
-        path = Path(train_dir) / system / f"fold{fold}" / PREDICTIONS_FILE
+        path = run_dir(train_dir, system, fold) / PREDICTIONS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; has fold {fold} of {system} been trained?")
         frames.append(validate_predictions(pd.read_parquet(path), str(path)))

@@ -82,7 +82,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from sermtl.evaluate.metrics import PROBABILITY_COLUMNS
 from sermtl.params import DataParams, Params, ServingParams
-from sermtl.schema import CLASS_NAMES, DIMENSIONS, MODEL_DIR
+from sermtl.schema import CLASS_NAMES, DIMENSIONS, MODEL_DIR, run_dir
 
 SERVING_FORMAT = 1
 SERVING_CONFIG_FILE = "serving.json"
@@ -696,7 +696,7 @@ def ensemble_members(
     seeds: list[int] | None = None
     networks = 0
     for fold in _fold_list(folds):
-        model_dir = Path(train_dir) / system / f"fold{fold}" / MODEL_DIR
+        model_dir = run_dir(train_dir, system, fold) / MODEL_DIR
         config_path = model_dir / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: missing; has fold {fold} of {system} been trained?")

@@ -61,6 +61,7 @@ from sermtl.schema import (
     PREDICTIONS_FILE,
     RUN_METRICS_FILE,
     SEED_RUN_PREFIX,
+    run_dir,
 )
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -1118,7 +1119,7 @@ def track_study(
             for fold in range(len(params.data.sessions)):
                 log_fold_run(
                     parent,
-                    Path(train_dir) / system / f"fold{fold}",
+                    run_dir(train_dir, system, fold),
                     store_dir=store_dir,
                     tracking_uri=tracking_uri,
                 )
