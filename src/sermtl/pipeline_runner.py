@@ -17,6 +17,7 @@ from typing import Any
 
 from sermtl.fsutil import write_json
 from sermtl.params import params_from_yaml
+from sermtl.reports import html_page
 
 PARAMS_WHERE = "params_yaml (pipeline parameter)"
 STUDY_FILE = "study.json"  # in the collect step's output: the study's MLflow run id and data version
@@ -163,18 +164,18 @@ def render_report(
         f"<p>Great-expectations Data Docs: {html.escape(str(data_docs_path))}</p>" if data_docs_path else ""
     )
     raw = html.escape(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    return (
-        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>sermtl corpus validation</title><style>"
-        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}.ok td:nth-child(4){color:#1a7f37}"
+    style = (
+        "td,th{text-align:left}.ok td:nth-child(4){color:#1a7f37}"
         ".bad td:nth-child(4){color:#cf222e;font-weight:bold}"
         "pre{background:#f6f8fa;padding:1em;overflow:auto}"
-        ".passed{color:#1a7f37}.FAILED{color:#cf222e}</style></head><body>"
+        ".passed{color:#1a7f37}.FAILED{color:#cf222e}"
+    )
+    body = (
         f"<h1>Corpus validation <span class='{verdict}'>{verdict}</span></h1>"
         f"<ul>{metric_items}</ul>{failure_block}{table}{docs}"
         f"<details><summary>summary.json</summary><pre>{raw}</pre></details>"
-        "</body></html>\n"
     )
+    return html_page("sermtl corpus validation", body, style)
 
 
 def dvc_data_version(corpus_uri: str, repo_root: str | Path = ".") -> str:

@@ -17,11 +17,9 @@ The result is written as comparison.{md,html,json} and logged on the parent run 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import html
-import io
 import json
 import math
 import os
@@ -53,6 +51,7 @@ from sermtl.evaluate.significance import (
 from sermtl.fsutil import write_report_files
 from sermtl.mlops import tracking
 from sermtl.params import Params
+from sermtl.reports import html_page, inline_image, png_bytes, pyplot
 from sermtl.schema import (
     CLASS_NAMES,
     PREDICTIONS_FILE,
@@ -627,24 +626,8 @@ def to_markdown(comparison: StudyComparison) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(figure: Any, dpi: int = 100) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    _pyplot().close(figure)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _uar_chart(comparison: StudyComparison) -> str:
-    plt = _pyplot()
+def _uar_chart(comparison: StudyComparison) -> bytes:
+    plt = pyplot()
     table = comparison.table.set_index(["system", "dimension"])
     systems, dimensions = comparison.systems, comparison.dimensions
     width = 0.8 / max(len(systems), 1)
@@ -677,11 +660,11 @@ def _uar_chart(comparison: StudyComparison) -> str:
     axis.legend(fontsize=8, ncol=min(len(systems) + 1, 5), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    return _png(figure, dpi=110)
+    return png_bytes(figure, dpi=110)
 
 
-def _confusion_grid(comparison: StudyComparison) -> str:
-    plt = _pyplot()
+def _confusion_grid(comparison: StudyComparison) -> bytes:
+    plt = pyplot()
     by_key = {(r["system"], r["dimension"]): r for r in comparison.table.to_dict(orient="records")}
     systems, dimensions = comparison.systems, comparison.dimensions
     figure, axes = plt.subplots(
@@ -705,7 +688,7 @@ def _confusion_grid(comparison: StudyComparison) -> str:
         axis.set_title(f"{dimension}  UAR {row['pooled_uar']:.3f}", fontsize=9)
     figure.suptitle(f"Pooled confusion matrices ({comparison.subset} utterances; rows normalised, counts)")
     figure.tight_layout()
-    return _png(figure, dpi=80)
+    return png_bytes(figure, dpi=80)
 
 
 def to_html(comparison: StudyComparison) -> str:
@@ -727,19 +710,15 @@ def to_html(comparison: StudyComparison) -> str:
     description = "".join(f"<p>{html.escape(line)}</p>" for line in _description(comparison))
     legend = "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in _legend(comparison)) + "</ul>"
     chart, matrices = _uar_chart(comparison), _confusion_grid(comparison)
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>sermtl comparison</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{text-align:left}</style>"
-        "</head><body>"
+    body = (
         f"<h1>UAR by system and dimension ({html.escape(comparison.subset)} utterances)</h1>"
         + description
         + table
         + legend
-        + f"<img alt='pooled UAR with bootstrap intervals' src='data:image/png;base64,{chart}'>"
-        + f"<img alt='pooled confusion matrices' src='data:image/png;base64,{matrices}'>"
-        + "</body></html>\n"
+        + inline_image(chart, "pooled UAR with bootstrap intervals")
+        + inline_image(matrices, "pooled confusion matrices")
     )
+    return html_page("sermtl comparison", body, "table{margin:0}th{text-align:left}")
 
 
 # --- outputs ----------------------------------------------------------------------------------------------

@@ -13,8 +13,6 @@ pooled over the folds), their mean and sd over seeds (`seeds`, `seed_uars`, `see
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from sermtl.evaluate import health
 from sermtl.evaluate.metrics import evaluate_predictions, validate_predictions
 from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir
 from sermtl.params import Params
+from sermtl.reports import html_page, inline_image, png_bytes, pyplot
 from sermtl.schema import PREDICTIONS_FILE, RUN_METRICS_FILE, SEED_RUN_PREFIX, run_dir
 
 SEED_RUNS_KEY = "seeds"  # of a fold's metrics.json: the seeds whose sub-runs fold<k>/seed<s>/ it averages
@@ -185,11 +184,7 @@ def to_markdown(table: pd.DataFrame, subset: str = "all") -> str:
 
 
 def _chart_png(table: pd.DataFrame) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     frame = table[table["subset"] == "all"]
     systems = list(dict.fromkeys(frame["system"]))
     dimensions = list(dict.fromkeys(frame["dimension"]))
@@ -205,16 +200,12 @@ def _chart_png(table: pd.DataFrame) -> bytes:
     axis.set_ylim(0, 1)
     axis.legend(fontsize=8, ncol=2)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure, dpi=110)
 
 
 def to_html(table: pd.DataFrame) -> str:
     import html
 
-    chart = base64.b64encode(_chart_png(table)).decode()
     sections = []
     for subset in dict.fromkeys(table["subset"]):
         frame = table[table["subset"] == subset].drop(
@@ -223,15 +214,12 @@ def to_html(table: pd.DataFrame) -> str:
         sections.append(
             f"<h2>{html.escape(subset)} utterances</h2>" + frame.to_html(index=False, float_format="%.3f")
         )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>sermtl results</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
+    body = (
         "<h1>Speech emotion recognition: systems by dimension</h1>"
-        f"<img alt='UAR by system and dimension' src='data:image/png;base64,{chart}'>"
+        + inline_image(_chart_png(table), "UAR by system and dimension")
         + "".join(sections)
-        + "</body></html>\n"
     )
+    return html_page("sermtl results", body)
 
 
 def collect_results(

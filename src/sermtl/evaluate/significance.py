@@ -47,10 +47,8 @@ cluster's share of the UAR difference (`sign_flip_contributions`), so the permut
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import html
-import io
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +62,7 @@ from sermtl.data.corpus import UTTERANCE_ID_RE
 from sermtl.evaluate.metrics import NUM_CLASSES
 from sermtl.fsutil import write_report_files
 from sermtl.params import Params, SignificanceParams
+from sermtl.reports import html_page, inline_image, png_bytes, pyplot
 from sermtl.schema import SIGNIFICANCE_HTML, SIGNIFICANCE_JSON, SIGNIFICANCE_MARKDOWN
 
 # The tests whose corrected p-values can decide (GateParams.test takes one of these).
@@ -1000,24 +999,8 @@ def to_markdown(report: SignificanceReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure_png(figure: Any) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    _pyplot().close(figure)
-    return buffer.getvalue()
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _forest_png(report: SignificanceReport) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     comparisons = report.comparisons
     rows = np.arange(len(comparisons))[::-1]
     difference = np.array([100 * c.difference for c in comparisons])
@@ -1038,12 +1021,12 @@ def _forest_png(report: SignificanceReport) -> bytes:
     )
     axis.set_title("green: better, red: worse (resampling test, adjusted)", fontsize=9)
     figure.tight_layout()
-    return _figure_png(figure)
+    return png_bytes(figure)
 
 
 def _speakers_png(report: SignificanceReport) -> bytes:
     """Per comparison, one dot per speaker (its UAR difference) and a bar at the pooled difference."""
-    plt = _pyplot()
+    plt = pyplot()
     comparisons = report.comparisons
     rows = np.arange(len(comparisons))[::-1]
     speakers = sorted({s.speaker for c in comparisons for s in c.speakers})
@@ -1072,7 +1055,7 @@ def _speakers_png(report: SignificanceReport) -> bytes:
     axis.set_title("per-speaker paired UAR differences; bar: all utterances", fontsize=9)
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     figure.tight_layout()
-    return _figure_png(figure)
+    return png_bytes(figure)
 
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
@@ -1089,31 +1072,26 @@ def to_html(report: SignificanceReport) -> str:
     """A self-contained page (no external resources): the table, its legend, a forest plot and the
     per-speaker differences (plot and table)."""
     header, rows = _rows(report)
-    chart = base64.b64encode(_forest_png(report)).decode()
     legend = "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in _legend(report)) + "</ul>"
     sizes = ", ".join(f"{d} {n}" for d, n in report.n.items())
     speaker_header, speaker_rows = _speaker_rows(report)
     per_speaker = ""
     if speaker_rows:
-        speakers_chart = base64.b64encode(_speakers_png(report)).decode()
         per_speaker = (
             "<h2>Per-speaker UAR differences</h2>"
-            f"<img alt='UAR differences per speaker' src='data:image/png;base64,{speakers_chart}'>"
+            + inline_image(_speakers_png(report), "UAR differences per speaker")
             + _html_table(speaker_header, speaker_rows)
         )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>sermtl significance</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
+    body = (
         f"<h1>Paired significance tests: {html.escape(report.proposed)} vs baselines</h1>"
         f"<p>{html.escape(report.subset)} utterances; n = {html.escape(sizes)}; resampling unit: "
         f"{html.escape(_unit(report))}</p>"
-        f"<img alt='UAR differences with confidence intervals' src='data:image/png;base64,{chart}'>"
+        + inline_image(_forest_png(report), "UAR differences with confidence intervals")
         + _html_table(header, rows)
         + legend
         + per_speaker
-        + "</body></html>\n"
     )
+    return html_page("sermtl significance", body)
 
 
 def write_report(report: SignificanceReport, out_dir: Path) -> dict[str, Path]:

@@ -52,6 +52,7 @@ from sermtl.mlops import gitinfo, procinfo
 from sermtl.mlops.serving import AudioPyfunc, serving_signature
 from sermtl.mlops.serving import output_columns as output_columns  # re-exported: the pyfunc output columns
 from sermtl.params import Params, TrackingParams
+from sermtl.reports import pyplot, save_png
 from sermtl.schema import (
     ATTENTION_FILE,
     CLASS_NAMES,
@@ -820,15 +821,6 @@ def log_fold_run(
 # --- plots --------------------------------------------------------------------------------------------
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _write_plots(
     out: Path,
     fold_metrics: dict[str, Any],
@@ -853,7 +845,7 @@ def plot_confusion(by_dimension: Mapping[str, Mapping[str, Any]], path: Path, ti
     ]
     if not dimensions:
         return
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(dimensions), figsize=(3.6 * len(dimensions), 3.4), squeeze=False)
     for axis, dimension in zip(axes[0], dimensions, strict=True):
         counts = np.asarray(by_dimension[dimension]["confusion"], dtype=np.float64)
@@ -877,8 +869,7 @@ def plot_confusion(by_dimension: Mapping[str, Mapping[str, Any]], path: Path, ti
     figure.suptitle(f"{title}  (all test utterances)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save_png(figure, path, dpi=90)
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
@@ -898,7 +889,7 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str = "") -> 
     panels = {name: lines for name, lines in panels.items() if lines}
     if not panels:
         return
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
     for axis, (panel, lines) in zip(axes[0], panels.items(), strict=True):
         for key, points in sorted(lines.items()):
@@ -913,8 +904,7 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str = "") -> 
     figure.suptitle(title)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save_png(figure, path, dpi=90)
 
 
 def plot_attention(npz_path: Path, store_dir: Path, out_dir: Path, title: str = "") -> list[Path]:
@@ -934,7 +924,7 @@ def plot_attention(npz_path: Path, store_dir: Path, out_dir: Path, title: str = 
         return []
     store = AudioStore(store_dir)
     known = set(store.manifest["utterance_id"])
-    plt = _pyplot()
+    plt = pyplot()
     written = []
     out_dir.mkdir(parents=True, exist_ok=True)
     for uid in sorted(by_utterance)[:MAX_ATTENTION_PLOTS]:
@@ -968,8 +958,7 @@ def plot_attention(npz_path: Path, store_dir: Path, out_dir: Path, title: str = 
         figure.suptitle(f"{title}  {uid}: attention over frames")
         figure.tight_layout()
         path = out_dir / f"{_safe_key(uid).replace('/', '_')}.png"
-        figure.savefig(path, dpi=80)
-        plt.close(figure)
+        save_png(figure, path, dpi=80)
         written.append(path)
     return written
 
