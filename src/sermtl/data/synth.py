@@ -1,45 +1,6 @@
 """Deterministic synthetic speech-emotion corpus in the exact IEMOCAP_full_release layout.
 
-Why: the pipeline (ingestion, training, evaluation, CI, demos) must run end to end where the licensed
-IEMOCAP corpus is not at hand. The generated corpus reproduces the folder layout, the EmoEvaluation
-annotation format and its traps (mocap token != speaker, suffixed dialog names, `script01_1` vs
-`script01_1b`, decoy Attribute/Categorical/Self-evaluation files, the `dom  N;` double space, `xxx`),
-so a strict IEMOCAP parser reads it as if it were the real corpus.
-
-The audio is speech-like (glottal pulse train through per-syllable formant filters) and carries
-learnable but noisy cues of the latent valence/arousal/dominance, concentrated in a random sub-span of
-each utterance, so that time attention can beat mean pooling:
-- arousal: energy, pitch range (f0 modulation depth), speaking rate (and first formant);
-- valence: spectral tilt (brightness) and pitch contour slope (rising vs falling);
-- dominance: loudness and pitch level.
-Labels are means of two simulated external raters' rounded ratings of the latent values, so the labels
-are noisy with respect to the audio, as they are in IEMOCAP.
-
-Effect settings (params.yaml `data.synth`; the defaults give the corpus of the generator before they
-existed, byte for byte), for simulation studies where the answer is known by construction:
-- `cue_span` in (0, 1], default 0.5: the mean share of each utterance's duration that carries the
-  cues. Each utterance draws its own share uniformly in cue_span +- 40% of the distance to the nearer
-  of 0 and 1 (0.5: 0.3..0.7), placed at random; outside it the expression falls to 20%. 1.0: every
-  utterance carries its cues from start to end, so time attention has nothing to find that mean
-  pooling misses.
-- `cue_sharing` in [0, 1], default 0.5: how much the three dimensions share latent structure and
-  acoustic cues, linear between three anchors. 0: independent latents (no correlation between the
-  dimensions, for speakers, dialogs and turns alike) and each cue driven by its own dimension only
-  (the cross-terms below are off; dominance keeps only pitch level). 0.5: the IEMOCAP-like default,
-  latent correlations V-A 0.15, V-D 0.25, A-D 0.7 (LATENT_CORR) and a few shared cues (arousal raises
-  pitch level and brightness, dominance raises loudness). 1: strongly shared, every pair of dimensions
-  correlates 0.8 in the latent and every cue is driven by the other two dimensions at 0.7 of the weight
-  of its own (CUE_CHANNELS). Multi-task learning can only gain where the dimensions share something.
-- `null_labels`, default false: true draws the annotations (ratings, categories, self-ratings) of
-  every utterance from a second, independent draw of the latent process (own speaker and dialog
-  offsets, turns, raters and class coverage; its own child of the SeedSequence), while the audio is
-  exactly that of `null_labels: false`. Labels are then independent of the audio by construction
-  (given which utterances share a speaker, dialog and session), and every session still holds every
-  class of every dimension: any system's expected UAR is chance.
-
-Determinism: one `numpy.random.SeedSequence(seed)`; the corpus plan uses one child, every utterance's
-audio its own grandchild, the null-mode annotations a third child, so bytes are identical across runs
-and independent of scheduling.
+Design notes (why it is built this way): docs/design/synth.md.
 """
 
 from __future__ import annotations

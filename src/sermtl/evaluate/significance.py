@@ -1,48 +1,6 @@
 """Paired significance tests of the proposed system against each baseline, per dimension.
 
-The proposed system (eval.proposed_system) and a baseline are compared on the same utterances (pooled
-over the folds, paired by utterance_id within a dimension) with three tests, because the literature
-uses all three and they answer slightly different questions. A neural system's prediction is that of
-its seed ensemble (the fold's predictions.parquet: the mean of the train.seeds runs' class probabilities,
-the class its argmax; sermtl.train.training), so a comparison does not hang on one initialisation. The tests
-still take those predictions as given: the spread over seeds is not part of their p-values, it is
-reported beside them in the results table (sermtl.evaluate.results).
-
-- resampling: a paired permutation test (`significance.resampling: permutation`) or bootstrap of the
-  UAR difference, with a confidence interval of it;
-- mcnemar: McNemar's exact test on per-utterance correctness (accuracy, not UAR); better/worse by the
-  discordant counts (b > c: better), not by the sign of the UAR difference;
-- ztest: the one-sided z-test on the difference of two UARs read as proportions over n utterances.
-
-Each test's p-values are corrected (Holm) over the family of all (baseline, dimension) comparisons of
-that test; `better`/`worse` flags at the family-wise `alpha` are what the registration gate reads,
-through `decisive`.
-
-The resampling unit (`significance.unit`: utterance | dialog | speaker | session). Utterances of one
-speaker are not independent: a system that suits a speaker's voice is right more often on all of them,
-so with ten speakers the speaker-to-speaker spread of the UAR difference dominates its sampling error, and
-resampling utterances calls no-difference studies significant far above alpha (about 0.2-0.5 at speaker
-effects of sd 0.02-0.04 in tests/test_significance.py's simulation). The paper's claim is about new
-speakers, so the default unit is the speaker (from the IEMOCAP utterance id: the letter starting its last
-segment) and the default test the sign-flip permutation test: the two systems' predictions are swapped
-for whole speakers, all 2^K patterns enumerated when K <= EXACT_SIGN_FLIP_CLUSTERS (exact under
-exchangeability of the two systems within a speaker; with 10 speakers p >= 2/1024, which Holm over 12
-comparisons can still bring below 0.05), and its interval is the inversion of that test. The cluster
-bootstrap (`resampling: bootstrap` with a cluster unit) is kept as an option, but with 10 clusters it is
-too liberal (false-positive rate about 0.10-0.12 at alpha 0.05) and its percentile interval too narrow.
-Too few clusters for the test ever to reach alpha after the correction is an error naming
-significance.unit (`min_clusters`). McNemar and the z-test stay utterance-level tests.
-
-Why the resampling is cheap: UAR of both systems on any multiset of utterances depends only on how many
-of them fall in each of 12 cells (true class x proposed right? x baseline right?). Drawing n utterances
-with replacement therefore gives cell counts that are exactly Multinomial(n, observed cell shares), and
-swapping the two systems' predictions on a random half of the utterances moves only discordant ones,
-so each class's swapped discordant counts are Binomial(count, 1/2). Both tests draw these counts for
-all resamples at once (in chunks), which is the same distribution as resampling utterance indices,
-at a cost independent of n. At a cluster unit the same holds per cluster: K x 12 cell counts; a cluster
-bootstrap is a (B x K multiplicities) @ (K x 12 counts) product, and a cluster swap flips the sign of the
-cluster's share of the UAR difference (`sign_flip_contributions`), so the permutation distribution is a
-(patterns x K signs) @ (K shares) product.
+Design notes (why it is built this way): docs/design/significance.md.
 """
 
 from __future__ import annotations

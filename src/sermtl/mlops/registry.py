@@ -1,57 +1,6 @@
 """MLflow Model Registry: the registration gate, promotion to `champion`, rollback, and the registry's state.
 
-Lifecycle of a version of `registry.model_name`:
-
-1. `register_study_model` (after a study and its significance tests): the **gate** (`gate_decision`) reads
-   the corrected p-values of `registry.gate.test` in the study's significance report. Passed: a child run
-   "registration" of the study run receives the ensemble model (sermtl.mlops.serving), the proposed system's
-   pooled out-of-fold predictions and the report; a new version is registered from it, tagged, and the
-   alias `challenger` moved to it. Failed: nothing is registered. Either way the decision is recorded on
-   the study run (tags `sermtl.gate.*` and the artifact registry/gate.json).
-2. `promote` moves `champion` to a version (default: the `challenger`) after comparing it with the
-   current champion on the same evaluation data with the same tests: both versions' out-of-fold
-   predictions are paired on common utterances and run through evaluate.significance (the resampling test
-   and its interval, at significance.unit); `registry.promotion.rule` decides (`promotion_decision`):
-   not_worse is non-inferiority (on every dimension the interval of challenger - champion UAR lies at or
-   above -`registry.promotion.margin`), better also needs a significant gain on one dimension. A version
-   whose gate failed, or that the rule refuses, or that cannot be compared, is promoted only with
-   `force=True`. Every promotion and rollback needs a non-empty reason: the audit trail says who changed
-   the champion, when, and why.
-3. `rollback` moves `champion` back along the recorded history of champions.
-
-Why a child run "registration" rather than the study run itself: the registered version's source run
-then holds exactly what promotion downloads (model, out-of-fold predictions, report), nothing else, and
-the study run keeps only study-level results; the child is nested under the study in the UI.
-
-Concurrency. MLflow has no compare-and-set on aliases, so every alias change happens under a lock that
-is atomic through the MLflow API on any backend: the registered model `<name>.promotion-lock`. Creating
-a registered model succeeds for exactly one caller (the store's unique name; RESOURCE_ALREADY_EXISTS for
-the others). See `PromotionLock` for waiting, expiry and breaking a stale lock. A promotion is a
-compare-and-set of the champion:
-
-- it reads the champion C (alias) before it decides, compares the version with C *outside* the lock
-  (downloads, resampling: seconds), then takes the lock, waiting up to `lock_timeout_s`;
-- holding it, it re-reads the champion: if it is no longer C (another promotion or a rollback moved it
-  while this one was deciding or waiting), it refuses as **stale**: its evidence is about a champion
-  that is no longer the champion; the caller re-runs to compare with the new one;
-- so of two promotions that read the same champion and pass their checks, exactly one moves the alias
-  (the first to take the lock) and the other refuses (stale), whichever versions they promote; one
-  that cannot get the lock within `lock_timeout_s` refuses too (lock timeout). A refusal moves nothing
-  and writes only the tag `sermtl.promotion.last_refusal` on its own version. A rollback decides
-  entirely under the lock (it reads the champion and the history there), so it is never stale.
-
-Writes under the lock are ordered so that a crash leaves the registry usable. The `champion` alias is
-the commit point; a promotion writes history and `previous_champion` before it, a rollback after it, so
-a crash between the writes can only leave the champion on top of its own history (never an entry
-lost), which the next promotion or rollback repairs first (`_repair`): the history never holds the same
-version twice in a row and a version is never its own `previous_champion`. The audit tags come last.
-A killed holder's lock is broken at once when its process is provably gone (same machine, see
-sermtl.mlops.procinfo), else after its expiry.
-
-Aliases written: `challenger` (newest registered version that passed the gate; removed from a version
-once it is promoted), `champion`, `previous_champion` (top of the history: what `rollback` restores).
-Tags: see the TAG_* constants below; the audit trail is `sermtl.audit.<NNNNN>` on the registered model
-(JSON: action, version, from, actor, at, reason, forced, evidence) plus per-version tags.
+Design notes (why it is built this way): docs/design/registry.md.
 """
 
 from __future__ import annotations

@@ -1,30 +1,6 @@
 """`sermtl serve`: MLflow's own scoring server behind a request-size limit.
 
-Why not plain `mlflow models serve`: it runs `uvicorn mlflow.pyfunc.scoring_server.app:app`, a FastAPI
-app whose /invocations handler does `await request.body()` and parses the JSON before the model is
-called, and neither MLflow (3.x: the only serving setting is MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT) nor
-uvicorn has a body-size setting. So an 80 MB body is read whole, parsed into Python lists (GBs of RSS,
-seconds of a worker, memory the allocator keeps) and only then refused by the model. No model code can
-help: the pyfunc sees the request after the parse. MLflow's own production image
-(`mlflow models build-docker`) has the same answer as this module: the limit sits in front of the
-scoring app (its nginx has `client_max_body_size 100m`).
-
-What this is: the same app, `mlflow.pyfunc.scoring_server.init(model)` (same routes /ping /health
-/version /invocations, same request formats, same error bodies, same
-MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT), wrapped in `RequestSizeLimit`, an ASGI middleware that answers 413
-before the body reaches MLflow:
-
-- a Content-Length over the limit is refused on the headers alone: nothing of the body is stored. With
-  `Expect: 100-continue` (curl sends it for large bodies) the client has not sent the body yet and the
-  413 goes at once; otherwise the body is read and discarded (at most DRAIN_MAX_BYTES, DRAIN_MAX_S) before
-  the 413, so that the client, still sending, does not get a connection reset instead of the answer
-  (what nginx calls a lingering close);
-- a body without Content-Length (chunked) is counted as it arrives and refused as soon as it passes the
-  limit; the at most `limit` bytes read so far are then handed to MLflow's app.
-
-The limit is the model's: `serving.max_request_bytes` recorded in serving.json when the model was logged
-(SerEnsemblePyfunc.max_request_bytes), so no params.yaml is needed at serve time; `--max-request-bytes`
-overrides it. Behind another proxy (Kubernetes ingress, nginx), set its body limit to the same value.
+Design notes (why it is built this way): docs/design/scoring.md.
 """
 
 from __future__ import annotations

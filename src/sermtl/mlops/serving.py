@@ -1,63 +1,6 @@
 """The model that gets registered and served, and the one place where requests for it are parsed.
 
-What is served: the **ensemble of the K x S fold and seed networks** of a study's proposed system
-(`<train_dir>/<system>/fold<k>/model`, one per leave-one-session-out fold, each holding the networks of
-its S seeds, train.seeds). Each member was trained on four sessions and early-stopped on a validation
-speaker of those sessions, so nothing is retrained: the ensemble averages the members' class
-probabilities per dimension, and the class is the argmax of that mean (each fold's predictor averages
-its seeds, then the folds are averaged; every fold has the same seeds, checked when logging, so this is
-the plain mean over all K x S networks). Attention weights (an optional output) are averaged over the
-members too: every network of a system frames the audio identically (same frame and hop, checked when
-logging), so frame i means the same stretch of audio for all of them, and the mean is again a
-distribution over the frames.
-
-Input contract (`parse_input`, used by the ensemble and by the per-fold models of sermtl.mlops.tracking; the
-fold models keep a float32 TensorSpec signature, so over HTTP they take float samples only):
-
-- raw audio: one mono waveform (1-D float32/float64 in [-1, 1], or int16 PCM, scaled by 1/32768) at the
-  model's sample rate, or a batch: a list of them (lengths may differ), a 2-D array (one row per
-  waveform; but (n, 1) is one mono column, and (n, c) with n > c <= 8 is refused as multi-channel
-  audio), or a DataFrame column `waveform` holding one array per row;
-- audio files: `bytes` of a wav file (anything libsndfile reads: WAV, FLAC, OGG), or a base64 string of
-  one, alone or in a list, or a DataFrame column `wav` (raw bytes or base64 strings).
-  The file's sample rate must be the model's: a file at another rate is refused, naming both rates, and
-  never resampled silently (resampling changes what the network hears; the caller decides how). Only
-  mono files are accepted: a multi-channel file is refused rather than downmixed, since which channel
-  (or mix) holds the speaker is the caller's knowledge.
-- refused, each with a message naming the problem: an empty request or empty waveform, integer samples
-  other than int16 (e.g. int64, which is what a JSON list of integers becomes), bool/complex/object
-  samples, NaN or infinite samples, float samples far outside [-1, 1] (peak above FLOAT_PEAK_LIMIT:
-  int16 PCM passed as float), more than two dimensions; and by length (`Limits`): an input shorter than
-  the minimum (`serving.min_duration_s`, raised to one frame of the networks' front end when a frame is
-  longer: shorter audio is one zero-padded frame, whose probabilities mean nothing) or longer than
-  `serving.max_duration_s`, and a request whose inputs together are longer than
-  `serving.max_total_duration_s`. Lengths are checked first, a wav file's from its header, before any
-  file is decoded or any sample converted. The limits are recorded in serving.json when the model is
-  logged, so the served model needs no params.yaml. The fourth limit, `serving.max_request_bytes`, is not
-  the model's to check (MLflow has parsed the whole body before the model is called): `sermtl serve`
-  (sermtl.mlops.scoring) refuses larger bodies with 413 before they are read.
-
-Errors are `InvalidAudioError`: a ValueError and an MlflowException with INVALID_PARAMETER_VALUE, which
-MLflow's scoring server (`mlflow models serve`) answers with HTTP 400 and the message (a plain ValueError
-would become a 400 whose message only says "unexpected error", the reason buried in a stack trace).
-
-Output: a DataFrame, one row per input, columns `output_columns(dimensions)` (`<dimension>_class`,
-0 = low, 1 = medium, 2 = high, then `<dimension>_prob_low|medium|high`), plus `<dimension>_attention`
-(the list of per-frame weights; frames every `frame_hop_s` of serving.json) when the predict-time param
-`return_attention` is true (default: `serving.return_attention`).
-
-Signature: no input schema, on purpose. MLflow has no single schema that admits both a variable-length
-float tensor and a column of files: an unnamed TensorSpec makes MLflow cast every request to that dtype
-before the model sees it (a wav column is then a schema error, and int64 or int16-scaled floats are cast
-instead of refused), and a column schema does not admit a bare waveform. Without an input schema MLflow
-hands the parsed JSON to the model unchanged and `parse_input` checks it. The output columns and the
-`return_attention` param are in the signature (a param not in a params schema is dropped by MLflow).
-
-Over HTTP (`POST /invocations`, JSON): `{"inputs": [samples]}`, `{"inputs": [[...], [...]]}` (equal
-lengths), `{"dataframe_split": {"columns": ["waveform"], "data": [[[...]], [[...]]]}}` (any lengths),
-`{"dataframe_split": {"columns": ["wav"], "data": [["<base64>"]]}}` or `{"inputs": "<base64>"}`; add
-`"params": {"return_attention": true}` for the attention columns. Prefer dataframe_split for files: a
-refused request's message quotes the start of the request (see InvalidAudioError).
+Design notes (why it is built this way): docs/design/serving.md.
 """
 
 from __future__ import annotations

@@ -1,53 +1,6 @@
 """Training and evaluation of one (system, fold) of the leave-one-session-out protocol.
 
-`train_fold` trains the network(s) of a system on the fold's training speakers, selects the epoch by
-the validation speaker (early stopping on the mean validation UAR of the network's tasks; ties go to
-the lower validation loss), and scores the held-out session, which training never sees.
-
-- Multi-task systems (`multitask: true`) train one network with one head per dimension (network "mtl");
-  single-task systems train one network per dimension ("arousal", "valence", "dominance"), one after
-  the other, and their predictions are merged.
-- Loss: sum over tasks of `model.loss_weights[task] * cross-entropy` (class-balanced weights, inverse
-  class frequency in the training split, when `train.class_balanced_loss`: the one switch that
-  sermtl.model.egemaps reads too, so every system is weighted alike).
-- Data: segments come from the memory-mapped audio store (see sermtl.model.batching); `train.num_workers`
-  > 0 collates upcoming batches in that many background threads (same batches, same order).
-- Seeds: every network is trained once per seed of `train.seeds`, each seed a sub-run of the fold
-  (`<out_dir>/seed<s>/`, a run directory of its own). The fold predicts with the seed ensemble: per
-  utterance and dimension the mean of the seeds' class probabilities, the class its argmax.
-- Reproducibility: weights are initialised from a seed derived from (seed, fold, network); every
-  epoch reseeds torch and draws its crops and order from a generator seeded by (seed, fold, network,
-  epoch). A checkpoint is written atomically after every epoch (model, optimizer, best state, best
-  score, patience counter, history, RNG states), so a killed run resumed from it ends with exactly the
-  predictions of an uninterrupted run (on CPU, with the same thread count; CUDA kernels such as
-  atomic-add reductions are not bitwise deterministic, so there a resumed run is equivalent, not identical).
-
-Run directory semantics (`out_dir`, and each of its seed sub-runs alike):
-- metrics.json is written last and marks a finished run. With `resume=True` a finished run whose
-  recorded fingerprint (system, fold, features/model/train params, dimensions, the store's manifest; the
-  fold's includes the list of seeds, a sub-run's its own seed only) matches is skipped and its metrics
-  returned; a checkpoint with a matching fingerprint is continued; anything with another fingerprint is
-  discarded and training starts afresh. So a killed fold resumes in the seed it was killed in, the
-  finished seeds kept; and adding a seed to `train.seeds` trains only that seed.
-- `resume=False` always retrains from scratch (the old checkpoints are ignored and outputs replaced).
-- A sub-run's checkpoint (seed<s>/checkpoint.pt) is deleted once its outputs are written; sub-runs of
-  seeds no longer in `train.seeds` are removed when the fold is trained again.
-
-Outputs of a seed sub-run: predictions.parquet (metrics.PREDICTION_COLUMNS), metrics.json (`seed`;
-`best_epoch` and `epochs_run` are ints for a multi-task system, {dimension: int} for a single-task one;
-`networks` has the details per network), history.json (see `history_records`), attention.npz
-(attention systems only: `<utterance_id>__<dimension>` weights over the frames of the first 4 test
-utterances, plus `frame_hop_s` and `frame_s`), model/ (config.json plus one state dict per network:
-mtl.pt or <dimension>.pt, read back by `load_predictor`).
-
-Outputs of the fold (`out_dir`, written from its sub-runs' files, so a fold whose seeds were trained in
-one go or resumed one by one ends identical; see `combine_seeds`): the same files, for the seed
-ensemble: predictions.parquet with the seed-averaged probabilities, attention.npz with the
-seed-averaged weights, model/ with every seed's networks (`seed<s>_<network>.pt`; `load_predictor`
-averages the probabilities of the networks of each dimension), history.json (one seed: that seed's;
-several: their records merged by epoch, keys prefixed `seed<s>_`), metrics.json (`seeds`;
-`evaluation` of the seed ensemble; `validation` the mean over seeds; with several seeds `best_epoch`
-and `epochs_run` are {"seed<s>[_<dimension>]": int}; `seed_runs` has each seed's own scores).
+Design notes (why it is built this way): docs/design/training.md.
 """
 
 from __future__ import annotations
