@@ -68,3 +68,24 @@ def test_bad_params_file_is_exit_2_with_the_key(tmp_path):
     params.write_text("data:\n  sampel_rate: 16000\n")
     result = CliRunner().invoke(app, ["ingest", "--out", str(tmp_path / "o"), "--params", str(params)])
     assert result.exit_code == 2 and "sampel_rate" in result.output
+
+
+def test_choices_come_from_the_parameter_types_and_bad_ones_stop_before_any_work(tmp_path):
+    """--device and --subset list the values the params types allow, and click refuses others (exit 2)
+    before params.yaml is even read (no such file here)."""
+    from sermtl.params import DEVICES, SUBSETS
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["train", "--help"], terminal_width=200).output
+    assert "<" + "|".join(DEVICES) + ">" in shown
+    assert (
+        "<" + "|".join(SUBSETS) + ">" in runner.invoke(app, ["compare", "--help"], terminal_width=200).output
+    )
+    missing = str(tmp_path / "no-params.yaml")
+    wide = {"COLUMNS": "200"}
+    bad = runner.invoke(
+        app, ["train", "--system", "x", "--fold", "0", "--device", "gpu", "--params", missing], env=wide
+    )
+    assert bad.exit_code == 2 and "'gpu' is not one of 'auto', 'cpu', 'cuda'" in bad.output
+    bad = runner.invoke(app, ["compare", "--subset", "scripted", "--params", missing], env=wide)
+    assert bad.exit_code == 2 and "'scripted' is not one of 'all', 'improvised'" in bad.output

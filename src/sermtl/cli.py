@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import sys
 from collections.abc import Iterator
@@ -14,7 +15,11 @@ import typer
 from sermtl.data.sources import CorpusError
 from sermtl.errors import EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_UNREACHABLE, ServiceUnreachable, redact_text
 from sermtl.fsutil import OutputFolderError
-from sermtl.params import DEFAULT_PARAMS_PATH, ParamsError, load_params
+from sermtl.params import DEFAULT_PARAMS_PATH, DEVICES, SUBSETS, ParamsError, load_params
+
+# Choices come from the parameter types, so --help lists them and click refuses others before any work.
+Device = enum.Enum("Device", {name: name for name in DEVICES}, type=str)
+Subset = enum.Enum("Subset", {name: name for name in SUBSETS}, type=str)
 
 app = typer.Typer(
     help="Speech emotion recognition pipeline (arousal, valence, dominance; attention-augmented multi-task).",
@@ -189,9 +194,7 @@ def train(
     out: Annotated[
         Path | None, typer.Option("--out", help="Run folder (default: artifacts/train/<system>/fold<K>).")
     ] = None,
-    device: Annotated[
-        str | None, typer.Option("--device", help="auto | cpu | cuda (default: train.device).")
-    ] = None,
+    device: Annotated[Device | None, typer.Option("--device", help="Default: train.device.")] = None,
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Continue from a checkpoint; skip a finished run.")
     ] = True,
@@ -212,15 +215,20 @@ def train(
     folds = len(params.data.sessions)
     if not 0 <= fold < folds:
         _fail(f"fold {fold} is out of range; valid: 0..{folds - 1} (one per session)")
-    if device is not None and device not in ("auto", "cpu", "cuda"):
-        _fail(f"device {device!r} is not one of auto, cpu, cuda")
     from sermtl.schema import DEFAULT_TRAIN_DIR
     from sermtl.schema import run_dir as default_run_dir
 
     run_dir = out if out is not None else default_run_dir(DEFAULT_TRAIN_DIR, system, fold)
     try:
         metrics = train_fold(
-            store, system, fold, run_dir, params, device=device, resume=resume, progress=sys.stderr.isatty()
+            store,
+            system,
+            fold,
+            run_dir,
+            params,
+            device=device.value if device else None,
+            resume=resume,
+            progress=sys.stderr.isatty(),
         )
     except (TrainingError, CorruptStoreError, FileNotFoundError, OutputFolderError) as exc:
         _fail(str(exc))
@@ -315,7 +323,7 @@ def compare(
     out: Annotated[Path, typer.Option("--out", help="Output folder for comparison.{md,html,json}.")] = Path(
         "artifacts/comparison"
     ),
-    subset: Annotated[str, typer.Option("--subset", help="Utterances compared: all | improvised.")] = "all",
+    subset: Annotated[Subset, typer.Option("--subset", help="Utterances compared.")] = Subset("all"),
     log: Annotated[bool, typer.Option(help="Also log the files on the study run under comparison/.")] = True,
     params_path: ParamsOption = DEFAULT_PARAMS_PATH,
 ) -> None:
@@ -332,7 +340,7 @@ def compare(
     try:
         with _mlflow(params, EXIT_BAD_INPUT):
             comparison, paths = run_compare(
-                study, experiment=experiment, out_dir=out, subset=subset, params=params, log=log
+                study, experiment=experiment, out_dir=out, subset=subset.value, params=params, log=log
             )
     except (CompareError, FileNotFoundError, OutputFolderError) as exc:
         _fail(str(exc))

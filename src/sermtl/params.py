@@ -28,6 +28,7 @@ from sermtl.schema import DIMENSIONS
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 SUBSETS = ("all", "improvised")  # as sermtl.evaluate.metrics.SUBSETS (not imported here: it pulls in pandas)
+DEVICES = ("auto", "cpu", "cuda")  # train.device and `sermtl train --device`
 IEMOCAP_SESSIONS = 5
 
 
@@ -232,7 +233,7 @@ class TrainParams:
     seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2], metadata=rule(at_least=0, min_items=1, distinct=True)
     )
-    device: str = checked("auto", one_of=("auto", "cpu", "cuda"))
+    device: str = checked("auto", one_of=DEVICES)
     # Intra-op threads of a CPU training run. Fixed, because the thread count changes float reductions and
     # so the trained weights: with it in params a fold trains bit-identically in the DAG (two tasks at once)
     # and by hand. 0: torch's default (one per core; results then depend on the machine).
