@@ -27,6 +27,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from sermtl.evaluate import gate
 from sermtl.evaluate.metrics import uar
 from sermtl.evaluate.results import load_runs
 from sermtl.evaluate.significance import (
@@ -92,19 +93,19 @@ def _report(flags: dict[tuple[str, str], str], test: str = "resampling", baselin
 
 def test_gate_passes_when_significantly_better_than_every_baseline():
     report = _report({("b1", "arousal"): "better", ("b2", "valence"): "better", ("b2", "arousal"): "better"})
-    decision = registry.gate_decision(report, GateParams())
+    decision = gate.gate_decision(report, GateParams())
     assert decision.passed
     assert decision.wins == {"b1": ["arousal"], "b2": [d for d in DIMENSIONS if d in ("valence", "arousal")]}
     assert decision.losses == {"b1": [], "b2": []}
     assert decision.p_values["b1"]["arousal"] == 0.001 and decision.p_values["b1"]["valence"] == 0.4
-    assert registry.gate_decision(report.to_dict(), GateParams()) == decision  # significance.json works too
+    assert gate.gate_decision(report.to_dict(), GateParams()) == decision  # significance.json works too
 
 
 def test_gate_fails_naming_the_baseline_without_a_win():
-    decision = registry.gate_decision(_report({("b1", "arousal"): "better"}), GateParams())
+    decision = gate.gate_decision(_report({("b1", "arousal"): "better"}), GateParams())
     assert not decision.passed
     assert any("vs b2" in r and "0 dimension(s)" in r and "at least 1" in r for r in decision.reasons)
-    strict = registry.gate_decision(
+    strict = gate.gate_decision(
         _report({("b1", "arousal"): "better", ("b2", "arousal"): "better", ("b2", "dominance"): "better"}),
         GateParams(min_dimensions_better=2),
     )
@@ -116,17 +117,17 @@ def test_gate_fails_naming_the_baseline_without_a_win():
 
 def test_gate_counts_significantly_worse_comparisons():
     flags = {("b1", "arousal"): "better", ("b2", "arousal"): "better", ("b1", "valence"): "worse"}
-    failed = registry.gate_decision(_report(flags), GateParams(max_comparisons_worse=0))
+    failed = gate.gate_decision(_report(flags), GateParams(max_comparisons_worse=0))
     assert not failed.passed
     assert any("significantly worse in 1 comparison(s) (b1/valence)" in r for r in failed.reasons)
     assert failed.losses["b1"] == ["valence"]
-    assert registry.gate_decision(_report(flags), GateParams(max_comparisons_worse=1)).passed
+    assert gate.gate_decision(_report(flags), GateParams(max_comparisons_worse=1)).passed
 
 
 def test_gate_reads_only_the_configured_test():
     report = _report({("b1", "arousal"): "better", ("b2", "arousal"): "better"}, test="mcnemar")
-    assert registry.gate_decision(report, GateParams(test="mcnemar")).passed
-    resampling = registry.gate_decision(report, GateParams(test="resampling"))
+    assert gate.gate_decision(report, GateParams(test="mcnemar")).passed
+    resampling = gate.gate_decision(report, GateParams(test="resampling"))
     assert not resampling.passed and resampling.test == "resampling"
 
 

@@ -379,8 +379,9 @@ def gate_step(significance_dir: str | Path, results_dir: str | Path, params_yaml
     A failed gate is recorded on the study's MLflow run here (nothing downstream runs); a passed one is
     recorded by the register step together with the registration.
     """
+    from sermtl.evaluate.gate import gate_decision
     from sermtl.evaluate.significance import read_report
-    from sermtl.mlops.registry import gate_decision, record_gate_decision
+    from sermtl.mlops.registry import record_gate_decision
 
     params = params_from_yaml(params_yaml, PARAMS_WHERE)
     decision = gate_decision(read_report(Path(significance_dir)), params.registry.gate)
