@@ -16,6 +16,7 @@ from sermtl.data.sources import CorpusError
 from sermtl.errors import EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_UNREACHABLE, ServiceUnreachable, redact_text
 from sermtl.fsutil import OutputFolderError
 from sermtl.params import DEFAULT_PARAMS_PATH, DEVICES, SUBSETS, ParamsError, load_params
+from sermtl.schema import DEFAULT_TRAIN_DIR, run_dir
 
 # Choices come from the parameter types, so --help lists them and click refuses others before any work.
 Device = enum.Enum("Device", {name: name for name in DEVICES}, type=str)
@@ -215,16 +216,13 @@ def train(
     folds = len(params.data.sessions)
     if not 0 <= fold < folds:
         _fail(f"fold {fold} is out of range; valid: 0..{folds - 1} (one per session)")
-    from sermtl.schema import DEFAULT_TRAIN_DIR
-    from sermtl.schema import run_dir as default_run_dir
-
-    run_dir = out if out is not None else default_run_dir(DEFAULT_TRAIN_DIR, system, fold)
+    folder = out if out is not None else run_dir(DEFAULT_TRAIN_DIR, system, fold)
     try:
         metrics = train_fold(
             store,
             system,
             fold,
-            run_dir,
+            folder,
             params,
             device=device.value if device else None,
             resume=resume,
@@ -238,7 +236,7 @@ def train(
     ensemble = f" (mean of seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else ""
     typer.echo(
         f"{system} fold {fold} (test session {metrics['test_session']}): test UAR{ensemble} {uars}; "
-        f"{metrics.get('train_seconds', 0.0):.1f} s training on {metrics.get('device', '?')} -> {run_dir}"
+        f"{metrics.get('train_seconds', 0.0):.1f} s training on {metrics.get('device', '?')} -> {folder}"
     )
 
 
@@ -246,7 +244,7 @@ def train(
 def results(
     train_dir: Annotated[
         Path, typer.Option("--train-dir", help="Folder of run folders <system>/fold<k>.")
-    ] = Path("artifacts/train"),
+    ] = DEFAULT_TRAIN_DIR,
     out: Annotated[Path, typer.Option("--out", help="Output folder for the results table.")] = Path(
         "artifacts/results"
     ),
@@ -290,7 +288,7 @@ def results(
 def significance(
     train_dir: Annotated[
         Path, typer.Option("--train-dir", help="Folder of run folders <system>/fold<k>.")
-    ] = Path("artifacts/train"),
+    ] = DEFAULT_TRAIN_DIR,
     out: Annotated[Path, typer.Option("--out", help="Output folder for significance.{json,md,html}.")] = Path(
         "artifacts/significance"
     ),
