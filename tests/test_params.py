@@ -513,3 +513,26 @@ def test_pipeline_steps_fail_with_the_params_error_before_any_work(tmp_path):
         with pytest.raises(ParamsError):
             pipeline_runner.ingest_step(str(tmp_path / "corpus"), text, tmp_path / "store")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], "nothing written"
+
+
+def test_every_mistyped_or_out_of_range_key_of_a_file_is_named_at_once():
+    text = "train: {batch_size: 0, device: tpu}\ndata: {sample_rate: fast}\nmodel: {rnn_hiden: 3}"
+    with pytest.raises(ParamsError) as caught:
+        params_from_yaml(text)
+    lines = str(caught.value).splitlines()
+    assert lines == [
+        "params.yaml: data.sample_rate: expected int, got 'fast'",
+        "params.yaml: model.rnn_hiden: unknown key; did you mean `rnn_hidden`? (expected one of: "
+        "conv_channels, conv_kernel, conv_pool, rnn, rnn_hidden, rnn_layers, dropout, frame_log, frame_norm, "
+        "loss_weights)",
+        "params.yaml: train.batch_size: must be an integer >= 1 (got 0)",
+        "params.yaml: train.device: must be one of auto, cpu, cuda (got 'tpu')",
+    ]
+
+
+def test_the_choices_are_the_types_literal_values():
+    from sermtl.evaluate.metrics import SUBSETS as METRIC_SUBSETS
+    from sermtl.params import DEVICES, SUBSETS, TESTS
+
+    assert DEVICES == ("auto", "cpu", "cuda") and SUBSETS == METRIC_SUBSETS
+    assert TESTS == ("resampling", "mcnemar", "ztest")
