@@ -1,15 +1,5 @@
-"""Kubeflow components of the sermtl pipeline.
-
-Each component is a thin lightweight-Python wrapper around one sermtl library call, so the same
-code runs in the local SubprocessRunner (where ``base_image`` is ignored and the current
-interpreter, with sermtl installed, executes the body) and on a cluster (where the body runs in
-the project image, which already carries sermtl and kfp: hence no ``packages_to_install`` and
-``install_kfp_package=False``).
-
-Images: every component is declared with ``SERMTL_IMAGE`` as its ``base_image``; the pipeline then
-sets each task's image (``PipelineTask.set_container_image``) from ``resolve_images``: the CPU image
-for every step, the CUDA image for training on GPUs.
-"""
+"""Kubeflow components of the sermtl pipeline: each a thin wrapper around one library call, run by the
+local runner or in the project image (docs/design/pipeline.md)."""
 
 from __future__ import annotations
 

@@ -1,24 +1,6 @@
-"""The sermtl Kubeflow DAG: fingerprint the corpus -> ingest -> validate -> train every (system, fold) ->
-collect the study -> test significance -> registration gate -> (if passed) register the proposed model as
-`challenger`.
-
-The whole params.yaml travels as one string parameter so that the cluster run and the local run
-read exactly the same settings as the DVC stages and the CLI.
-
-How the tasks run on Kubernetes (images, GPU, requests and limits, retries, Secrets) comes from the
-`cluster` section of the repository's params.yaml, read once when this module is imported, i.e. when
-the pipeline is compiled; `build_pipeline(cluster)` builds the DAG for other settings. The local runner
-ignores all of it except the retry policy (kfp.local 2.17 retries a failing task as the policy says).
-
-Caching (KFP reuses a task's outputs when its cache key, i.e. its component, image and inputs, matches
-an earlier successful execution):
-- fingerprint_corpus is never cached: it reads the corpus listing on every run, and its result is an
-  input of ingest, so ingest's key is (corpus_uri, params_yaml, data_version, listing fingerprint): a
-  corpus rewritten at the same URI, or a new data_version, is ingested again; an unchanged one is not.
-- validate, plan and train are keyed on their inputs: the corpus store artifact (the same one whenever
-  ingest was a cache hit), params_yaml and the (system, fold) item.
-- collect, significance, gate and register write to MLflow and are never cached (see NOT_CACHED).
-"""
+"""The sermtl Kubeflow DAG: fingerprint -> ingest -> validate -> train every (system, fold) -> collect ->
+significance -> gate -> register the proposed model as `challenger`. Parameters, cluster settings and
+caching: docs/design/pipeline.md."""
 
 # No `from __future__ import annotations`: kfp reads the real annotation objects.
 import dataclasses
@@ -126,12 +108,14 @@ def _request_gpu(task: dsl.PipelineTask, cluster: ClusterParams) -> None:
         )
 
 
+# long: it holds the DAG below, which reads top to bottom in the order of the compiled YAML.
 def build_pipeline(cluster: ClusterParams):
     """The @dsl.pipeline for these cluster settings (the module's `sermtl_pipeline` uses params.yaml's)."""
     cpu_image, cuda_image = resolve_images(cluster.images.cpu, cluster.images.cuda)
     # The CUDA image only where a GPU is asked for; without one, training runs on the CPU image.
     train_image = cuda_image if cluster.gpu.enabled else cpu_image
 
+    # long: the DAG, one task after the other as KFP compiles it; a task's settings sit beside it.
     @dsl.pipeline(
         name=PIPELINE_NAME,
         description=(

@@ -218,7 +218,7 @@ NEEDED_IN_CONTEXT = (
     "uv.lock",
     "README.md",
     "params.yaml",
-    "src/sermtl/cli.py",
+    "src/sermtl/cli/__init__.py",
     "infra/docker/mlflow-server/uv.lock",
     "infra/docker/mlflow-server/pyproject.toml",
 )

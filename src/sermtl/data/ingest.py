@@ -1,16 +1,6 @@
 """Ingestion: IEMOCAP layout -> Parquet manifest + memory-mappable audio store + a report of drops.
 
-Policy (documented in the README, every case tested):
-- fatal, nothing written: malformed annotation line (file:line named), duplicate utterance id,
-  a symlink or key escaping the corpus root, a configured session with no annotated utterance,
-  more than `data.max_drop_fraction` of annotated utterances dropped;
-- dropped and counted per reason: rating NaN or outside 1..5, annotated but no wav, truncated or
-  undecodable wav, multi-channel wav, empty wav; the wavs of a dialog whose annotation file is empty
-  or unreadable (each such wav counts against `data.max_drop_fraction`);
-- counted, not utterances: wavs without an annotation, hidden/AppleDouble files, wavs outside
-  a dialog folder;
-- kept and recorded: wavs at another sample rate (resampled to `data.sample_rate`).
-"""
+What is fatal, dropped, counted or resampled: docs/design/ingest.md."""
 
 from __future__ import annotations
 
@@ -139,18 +129,7 @@ def ingest(
     session_wavs = sorted(path for path in layout.wav_files if session_of(path) in wanted)
     report.wavs_found = len(session_wavs)
 
-    drops: Counter[str] = Counter()
-
-    def record(utterance_id: str, reason: str, detail: str, where: str) -> None:
-        drops[reason] += 1
-        if drops[reason] <= EXAMPLES_PER_REASON:
-            report.drops.append(
-                {"utterance_id": utterance_id, "reason": reason, "detail": detail, "where": where}
-            )
-
-    def drop(annotation: Annotation, reason: str, detail: str) -> None:
-        record(annotation.uid.utterance_id, reason, detail, annotation.where)
-
+    drops = _Drops(report)
     # A dialog whose annotation file is empty or unreadable still has its wavs: they are lost
     # utterances, not "unannotated" extras, so they count against data.max_drop_fraction.
     orphaned = set()
@@ -158,43 +137,24 @@ def ingest(
         for path in session_wavs:
             if path not in expected_wavs and path.startswith(bad.wav_folder):
                 orphaned.add(path)
-                record(PurePosixPath(path).stem, bad.reason, f"{bad.detail}; {path} is unlabelled", bad.path)
+                drops.record(
+                    PurePosixPath(path).stem, bad.reason, f"{bad.detail}; {path} is unlabelled", bad.path
+                )
     report.unlabelled = len(orphaned)
     report.unannotated_wavs = [p for p in session_wavs if p not in expected_wavs and p not in orphaned]
 
-    rows: list[dict[str, Any]] = []
-    resampled: Counter[str] = Counter()
     with atomic_directory(out_dir, INGEST_OUTPUT) as staging:
         store = AudioStoreWriter(staging, params.data.sample_rate)
         try:
-            for annotation in tqdm(annotations, desc="ingest", unit="utt", disable=not progress):
-                problems = [p for d in DIMENSIONS if (p := rating_problem(getattr(annotation, d), d))]
-                if problems:
-                    drop(annotation, "invalid_rating", "; ".join(problems))
-                    continue
-                wav_path = wav_path_for(annotation.uid)
-                if wav_path not in layout.wav_files:
-                    drop(annotation, "missing_wav", f"{wav_path} not found")
-                    continue
-                data = corpus.read_bytes(wav_path)
-                try:
-                    decoded = decode_wav(data)
-                except AudioProblem as problem:
-                    drop(annotation, problem.reason, f"{wav_path}: {problem}")
-                    continue
-                stats = audio_stats(decoded.samples)
-                if decoded.sample_rate != params.data.sample_rate:
-                    resampled[str(decoded.sample_rate)] += 1
-                offset, num_samples = store.append(store_samples(decoded, params.data.sample_rate))
-                rows.append(
-                    _manifest_row(annotation, wav_path, decoded, data, stats, offset, num_samples, params)
-                )
+            rows, resampled = _store_utterances(
+                corpus, annotations, layout.wav_files, store, drops, params, progress
+            )
         finally:
             store.close()
 
         report.kept = len(rows)
-        report.dropped = sum(drops.values())
-        report.drops_by_reason = dict(sorted(drops.items()))
+        report.dropped = sum(drops.counts.values())
+        report.drops_by_reason = dict(sorted(drops.counts.items()))
         report.resampled_by_rate = dict(sorted(resampled.items()))
         manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).astype(MANIFEST_COLUMNS)
         report.kept_by_session = {
@@ -205,6 +165,59 @@ def ingest(
         manifest.to_parquet(staging / MANIFEST_FILE, index=False)
         write_json(staging / REPORT_FILE, report.to_dict())
     return report
+
+
+class _Drops:
+    """Counts drops per reason; the report keeps the first EXAMPLES_PER_REASON of each as examples."""
+
+    def __init__(self, report: IngestReport) -> None:
+        self.report, self.counts = report, Counter[str]()
+
+    def record(self, utterance_id: str, reason: str, detail: str, where: str) -> None:
+        self.counts[reason] += 1
+        if self.counts[reason] <= EXAMPLES_PER_REASON:
+            self.report.drops.append(
+                {"utterance_id": utterance_id, "reason": reason, "detail": detail, "where": where}
+            )
+
+    def drop(self, annotation: Annotation, reason: str, detail: str) -> None:
+        self.record(annotation.uid.utterance_id, reason, detail, annotation.where)
+
+
+def _store_utterances(
+    corpus: Any,
+    annotations: list[Annotation],
+    wav_files: set[str],
+    store: AudioStoreWriter,
+    drops: _Drops,
+    params: Params,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """Each usable annotated utterance's audio appended to the store: its manifest rows, and how many wavs
+    were resampled from each source rate."""
+    rows: list[dict[str, Any]] = []
+    resampled: Counter[str] = Counter()
+    for annotation in tqdm(annotations, desc="ingest", unit="utt", disable=not progress):
+        problems = [p for d in DIMENSIONS if (p := rating_problem(getattr(annotation, d), d))]
+        if problems:
+            drops.drop(annotation, "invalid_rating", "; ".join(problems))
+            continue
+        wav_path = wav_path_for(annotation.uid)
+        if wav_path not in wav_files:
+            drops.drop(annotation, "missing_wav", f"{wav_path} not found")
+            continue
+        data = corpus.read_bytes(wav_path)
+        try:
+            decoded = decode_wav(data)
+        except AudioProblem as problem:
+            drops.drop(annotation, problem.reason, f"{wav_path}: {problem}")
+            continue
+        stats = audio_stats(decoded.samples)
+        if decoded.sample_rate != params.data.sample_rate:
+            resampled[str(decoded.sample_rate)] += 1
+        offset, num_samples = store.append(store_samples(decoded, params.data.sample_rate))
+        rows.append(_manifest_row(annotation, wav_path, decoded, data, stats, offset, num_samples, params))
+    return rows, resampled
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,5 @@
-"""The study's results table: every system by dimension, per fold and pooled over the folds.
-
-Reads the run directories that `sermtl train` writes (artifacts/train/<system>/fold<k>/), checks that
-the study is complete, and writes the pooled predictions (input of the significance tests), a JSON
-table, Markdown for the terminal and KFP, and an HTML page with a chart.
-
-A fold of a neural system predicts with the mean of its seeds' class probabilities (train.seeds; see
-sermtl.train.training), and that is what is pooled, scored and tested. Each system's spread over seeds is
-reported beside it: per dimension, the pooled UAR of each seed's own predictions (fold<k>/seed<s>/,
-pooled over the folds), their mean and sd over seeds (`seeds`, `seed_uars`, `seed_uar_mean`,
-`seed_uar_std`). A system without seed sub-runs (the deterministic eGeMAPS baseline) counts as one seed.
-"""
+"""The study's results table: every system by dimension, per fold and pooled over the folds (the pooled
+predictions feed the significance tests). Seeds and their spread: docs/design/results.md."""
 
 from __future__ import annotations
 

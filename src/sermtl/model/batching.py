@@ -1,23 +1,6 @@
-"""Segments of utterances and padded batches, read straight from the memory-mapped audio store.
-
-Why segments: the network sees at most `features.max_frames` frames at once (memory, and the
-reference protocol), yet every utterance is scored whole.
-
-- Training: one segment per utterance per epoch. An utterance longer than `max_frames` frames gets a
-  random crop of exactly `max_frames` frames, aligned to the hop grid, drawn from a generator seeded by
-  (seed, fold, network, epoch); shorter ones are taken whole. One segment per utterance keeps every
-  utterance's weight in the loss equal (labels are per utterance), random crops cover long utterances
-  over the epochs, and seeding per epoch makes an epoch's batches independent of how the run got there
-  (so resumption after a kill replays exactly).
-- Evaluation and prediction: every utterance is cut into consecutive segments of `max_frames` frames
-  (the last one shorter); the segments' frames are exactly the utterance's frames, so nothing is
-  missed or counted twice. Class probabilities of the segments are averaged, weighted by their frame
-  counts (`pool_segments`); attention weights are concatenated, each segment's scaled by its weight,
-  so an utterance's attention sums to one.
-
-Audio is never decoded here: `AudioStore.samples` is a read-only memmap of int16 and a batch copies
-only the samples of its segments into one (pinned, on CUDA) float32 buffer.
-"""
+"""Segments of utterances and padded batches, read straight from the memory-mapped audio store: the network
+sees at most `features.max_frames` frames at once, yet every utterance is scored whole
+(docs/design/batching.md)."""
 
 from __future__ import annotations
 

@@ -1,26 +1,5 @@
-"""Hand-crafted baseline `egemaps_linear`: eGeMAPSv02 functionals with one linear classifier per dimension.
-
-Why: the paper's end-to-end systems are compared against the standard hand-crafted baseline of this
-literature (88 eGeMAPS functionals from openSMILE, a linear model per dimension), which is known to be
-competitive on arousal. It uses the same audio store, the same leave-one-session-out folds and the same
-prediction contract as the neural systems, so its predictions pair with theirs in significance tests.
-
-Features are read from the memory-mapped audio store (never the wav files) and cached as Parquet, keyed
-by the store's content and the extractor's version; see `feature_cache_key`. Default cache location:
-`<store_dir>/../features/egemaps/` (for the pipeline's `artifacts/ingest` store that is
-`artifacts/features/egemaps/`), one `egemaps_<key>.parquet` per store content plus a `.json` sidecar.
-
-Classifier (per dimension): inf -> NaN, mean imputation (training-set means; openSMILE fills every
-feature of a too-short utterance with NaN), standardisation, multinomial logistic regression, with
-class_weight="balanced" when `train.class_balanced_loss` (the one switch the neural loss reads too, so
-every system is weighted alike; sklearn's "balanced" is the same inverse class frequency as the neural
-loss, N / (classes * count)). A run is always refitted (no skip), and the feature cache does not depend on the
-switch (the features do not), so a changed switch takes effect on the next run; DVC's train stage and
-the KFP train step depend on the whole `train` section.
-C is chosen on the fold's validation speaker by UAR (ties: the smaller C); the chosen model is the one
-fitted on the training speakers only, exactly the data the neural systems train on (the validation
-speaker is used for model selection only, as for their early stopping), so the comparison is fair.
-"""
+"""Hand-crafted baseline `egemaps_linear`: eGeMAPSv02 functionals with one linear classifier per dimension,
+on the same store, folds and prediction contract as the neural systems (docs/design/egemaps.md)."""
 
 from __future__ import annotations
 
@@ -40,7 +19,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from sermtl.data.audio import AudioStore
-from sermtl.data.folds import leave_one_session_out
+from sermtl.data.folds import Fold, leave_one_session_out
 from sermtl.evaluate.metrics import PREDICTION_COLUMNS, PROBABILITY_COLUMNS, evaluate_predictions, uar
 from sermtl.fsutil import atomic_directory, atomic_write, check_output_dir, write_json
 from sermtl.parallel import worker_count
@@ -347,15 +326,7 @@ def _select_and_predict(
     return pipelines, chosen, validation_uar, grid_uar, convergence_warnings, test_proba, test_labels
 
 
-def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path, params: Params) -> dict:
-    """Fit, select and evaluate the baseline on one leave-one-session-out fold; write the run directory.
-
-    `out_dir` receives predictions.parquet (metrics.PREDICTION_COLUMNS), metrics.json and
-    model/egemaps_linear.joblib, all at once (atomic directory swap). Returns the metrics dict.
-    Deterministic: same store and params give identical predictions. `train.seeds` is not read: lbfgs
-    draws nothing at random (random_state is fixed at 0), so a fold is one run, and the results count it
-    as one seed.
-    """
+def _checked_dimensions(params: Params, system_name: str) -> list[str]:
     system = params.systems.get(system_name)
     if system is None:
         raise ValueError(f"unknown system {system_name!r}; known: {', '.join(params.systems)}")
@@ -365,7 +336,71 @@ def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path
     unknown = [d for d in dimensions if d not in DIMENSIONS]
     if unknown:
         raise ValueError(f"eval.dimensions: unknown dimension(s) {', '.join(unknown)}")
+    return dimensions
 
+
+def _test_predictions(
+    fold: Fold,
+    system_name: str,
+    fold_index: int,
+    improvised: np.ndarray,
+    test_proba: dict[str, np.ndarray],
+    test_labels: dict[str, np.ndarray],
+) -> pd.DataFrame:
+    """The fold's test predictions in the contract of metrics.PREDICTION_COLUMNS."""
+    frames = []
+    for dimension, proba in test_proba.items():
+        frame = pd.DataFrame(
+            {
+                "utterance_id": fold.test_ids,
+                "system": system_name,
+                "fold": fold_index,
+                "test_session": fold.test_session,
+                "dimension": dimension,
+                "improvised": improvised,
+                "label": test_labels[dimension],
+                "prediction": proba.argmax(axis=1),
+            }
+        )
+        for i, name in enumerate(PROBABILITY_COLUMNS):
+            frame[name] = proba[:, i]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)[list(PREDICTION_COLUMNS)].astype(PREDICTION_COLUMNS)
+
+
+def _model_file(
+    pipelines: dict[str, Any],
+    feature_names: list[str],
+    dimensions: list[str],
+    chosen: dict[str, float],
+    class_weight: str,
+    sample_rate: int,
+) -> dict[str, Any]:
+    """What model/egemaps_linear.joblib holds: all EgemapsPredictor needs to score a waveform."""
+    return {
+        "pipelines": pipelines,
+        "feature_names": feature_names,
+        "dimensions": dimensions,
+        "class_names": list(CLASS_NAMES),
+        "feature_set": FEATURE_SET,
+        "feature_level": FEATURE_LEVEL,
+        "opensmile": _opensmile_version(),
+        "chosen_C": chosen,
+        "class_weight": class_weight,
+        "sample_rate": int(sample_rate),
+    }
+
+
+def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path, params: Params) -> dict:
+    """Fit, select and evaluate the baseline on one leave-one-session-out fold; write the run directory.
+
+    `out_dir` receives predictions.parquet (metrics.PREDICTION_COLUMNS), metrics.json and
+    model/egemaps_linear.joblib, all at once (atomic directory swap). Returns the metrics dict.
+    Deterministic: same store and params give identical predictions. `train.seeds` is not read: lbfgs
+    draws nothing at random (random_state is fixed at 0), so a fold is one run, and the results count it
+    as one seed.
+    """
+    dimensions = _checked_dimensions(params, system_name)
     store_dir = Path(store_dir)
     check_output_dir(out_dir, TRAIN_RUN_OUTPUT, [("store", store_dir)])
     store = AudioStore(store_dir)
@@ -393,26 +428,9 @@ def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path
         fitted = _select_and_predict(X, manifest, split, dimensions, 0, params.train.class_balanced_loss)
     pipelines, chosen, validation_uar, grid_uar, convergence_warnings, test_proba, test_labels = fitted
     class_weight = "balanced" if params.train.class_balanced_loss else "none"  # train.class_balanced_loss
-    frames = []
-    for dimension in dimensions:
-        proba = test_proba[dimension]
-        frame = pd.DataFrame(
-            {
-                "utterance_id": fold.test_ids,
-                "system": system_name,
-                "fold": fold_index,
-                "test_session": fold.test_session,
-                "dimension": dimension,
-                "improvised": manifest.loc[fold.test_ids, "improvised"].to_numpy(dtype=bool),
-                "label": test_labels[dimension],
-                "prediction": proba.argmax(axis=1),
-            }
-        )
-        for i, name in enumerate(PROBABILITY_COLUMNS):
-            frame[name] = proba[:, i]
-        frames.append(frame)
+    improvised = manifest.loc[fold.test_ids, "improvised"].to_numpy(dtype=bool)
+    predictions = _test_predictions(fold, system_name, fold_index, improvised, test_proba, test_labels)
     train_seconds = time.perf_counter() - started
-    predictions = pd.concat(frames, ignore_index=True)[list(PREDICTION_COLUMNS)].astype(PREDICTION_COLUMNS)
 
     metrics: dict[str, Any] = {
         "system": system_name,
@@ -438,18 +456,9 @@ def train_fold(store_dir: Path, system_name: str, fold_index: int, out_dir: Path
         "n_validation": len(fold.validation_ids),
         "n_test": len(fold.test_ids),
     }
-    model = {
-        "pipelines": pipelines,
-        "feature_names": list(features.columns),
-        "dimensions": dimensions,
-        "class_names": list(CLASS_NAMES),
-        "feature_set": FEATURE_SET,
-        "feature_level": FEATURE_LEVEL,
-        "opensmile": _opensmile_version(),
-        "chosen_C": chosen,
-        "class_weight": class_weight,
-        "sample_rate": int(store.sample_rate),
-    }
+    model = _model_file(
+        pipelines, list(features.columns), dimensions, chosen, class_weight, store.sample_rate
+    )
     with atomic_directory(Path(out_dir), TRAIN_RUN_OUTPUT) as tmp:
         predictions.to_parquet(tmp / PREDICTIONS_FILE, index=False)
         write_json(tmp / RUN_METRICS_FILE, metrics)

@@ -1,20 +1,5 @@
-"""The end-to-end network: raw waveform -> per-frame CNN -> recurrent layers -> per-task pooling -> heads.
-
-One readable file. The design follows the reference of Zhang, Wu & Schuller (ICASSP 2019):
-
-    waveform [B, T] --frame (unfold)--> [B, F, frame]
-    every valid frame, batched as one big conv batch [N, 1, frame]:
-        Conv1d(1->C, K) -> ReLU -> MaxPool(conv_pool) -> Conv1d(C->C, K) -> ReLU -> max over time -> [C]
-        -> log(x + 1e-4) -> BatchNorm   (both optional: frame_log, frame_norm)
-    frame vectors [B, F, C] -> GRU/LSTM (rnn_hidden, rnn_layers) -> h [B, F, H]
-    per task: attention  e_t = w . h_t,  alpha = softmax over the VALID frames,  r = sum_t alpha_t h_t
-              or mean     r = mean of h_t over the valid frames
-    per task: Linear(H -> 3) logits
-
-Masking is exact: samples past an utterance's length are zeroed, padded frames never enter the
-convolutions, and the recurrent layer is unidirectional (a valid frame's state depends only on
-earlier frames), so an utterance gets the same output alone or padded in a batch.
-"""
+"""The end-to-end network: raw waveform -> per-frame CNN -> recurrent layers -> per-task pooling -> heads
+(Zhang, Wu & Schuller, ICASSP 2019). One readable file; the shapes and the masking: docs/design/network.md."""
 
 from __future__ import annotations
 

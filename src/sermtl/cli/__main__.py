@@ -1,0 +1,5 @@
+"""`python -m sermtl.cli`: the same as the `sermtl` command."""
+
+from sermtl.cli import main
+
+main()
