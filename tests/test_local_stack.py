@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from sermtl_localstack import STACK_BUCKETS, _port_open, pid_alive
+from sermtl_localstack import STACK_BUCKETS, pid_alive
+from sermtl_localstack import port_open as _port_open
 
 pytestmark = pytest.mark.slow
 

@@ -132,7 +132,7 @@ def test_gate_reads_only_the_configured_test():
 
 
 def test_postgres_binaries_missing_is_a_clear_error(monkeypatch):
-    import sermtl_localstack as localstack
+    import sermtl_localstack.postgres as localstack
 
     monkeypatch.setattr(localstack.shutil, "which", lambda name: None)
     monkeypatch.setattr(localstack.glob, "glob", lambda pattern: [])

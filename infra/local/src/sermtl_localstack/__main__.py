@@ -2,6 +2,6 @@
 
 import sys
 
-from sermtl_localstack import main
+from sermtl_localstack.cli import main
 
 sys.exit(main())
