@@ -23,6 +23,7 @@ import pytest
 from sermtl.data import validate as validation
 from sermtl.data.audio import audio_checksum
 from sermtl.data.validate import ValidationInputError, validate
+from sermtl.data.validate import stage as validation_stage
 from sermtl.params import Params
 from sermtl.schema import (
     AUDIO_FILE,
@@ -320,7 +321,7 @@ def test_crash_midway_keeps_previous_output(
         raise RuntimeError("disk full while summarising")
 
     # After GX has run and rendered Data Docs into the staging folder, before summary.json.
-    monkeypatch.setattr(validation, "_statistics", boom)
+    monkeypatch.setattr(validation_stage, "summary_statistics", boom)
     broken = write_ingest(tmp_path / "ingest", broken_manifest(), **BROKEN_STORE)
     with pytest.raises(RuntimeError, match="disk full"):
         validate(broken, out, Params())
