@@ -621,7 +621,7 @@ def test_a_held_lock_times_out_and_a_stale_lock_is_broken_after_its_expiry(
             registry.LOCK_PID: "4242",
             registry.LOCK_HOST: "gone-host",
             registry.LOCK_EXPIRES: f"{expires:.3f}",
-            registry.LOCK_EXPIRES_AT: registry._iso(expires),
+            registry.LOCK_EXPIRES_AT: registry.common.iso(expires),
         },
     )
     started = time.monotonic()
