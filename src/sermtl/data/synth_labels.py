@@ -69,8 +69,12 @@ def next_state(state: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def latent_values(
-    speaker_offset, dialog_offset: np.ndarray, state: np.ndarray, chol: np.ndarray
+    speaker_offset: tuple[float, float, float] | np.ndarray,
+    dialog_offset: np.ndarray,
+    state: np.ndarray,
+    chol: np.ndarray,
 ) -> np.ndarray:
+    """A turn's latent (valence, arousal, dominance): speaker, dialog and turn parts, clipped to 1..5."""
     latent = LATENT_MEAN + np.array(speaker_offset) + dialog_offset
     latent += LATENT_SD * (chol @ state)
     return np.clip(latent, 1.0, 5.0)
