@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 from scipy.stats import spearmanr
 
-from sermtl.data import synth
+from sermtl.data import synth, synth_audio, synth_model, synth_plan
 from sermtl.data.corpus import parse_emo_evaluation
 from sermtl.data.synth import synthesize
 from sermtl.fsutil import OUTPUT_MARKER, OutputFolderError
@@ -170,7 +170,7 @@ def test_layout_and_file_count(medium, medium_blocks):
 
 @pytest.mark.parametrize("utterances", [60, 61, 137, 400, 1234, 10039])
 def test_plan_distributes_exactly_the_requested_number(utterances):
-    dialogs, speakers = synth._plan(utterances, np.random.default_rng(0), 4.45, 16000)
+    dialogs, speakers = synth_plan.plan(utterances, np.random.default_rng(0), 4.45, 16000)
     assert sum(len(d.utts) for d in dialogs) == utterances
     assert sorted(speakers) == [(s, g) for s in range(1, 6) for g in "FM"]
     per_session = defaultdict(int)
@@ -217,7 +217,7 @@ def test_wavs_are_16k_pcm16_mono_not_silent_not_clipped(medium, medium_blocks):
 
 def test_durations_follow_the_requested_mean(medium, medium_blocks):
     seconds = np.array([sf.info(wav_of(medium, b)).frames / 16000 for b in medium_blocks])
-    low, high = synth._duration_bounds(1.5)
+    low, high = synth_plan.duration_bounds(1.5)
     assert seconds.min() >= low - 1e-3 and seconds.max() <= high + 1e-3
     assert 1.2 <= seconds.mean() <= 1.9
 
@@ -432,7 +432,7 @@ def test_replaces_an_existing_corpus_atomically(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(synth, "_render", broken)
+    monkeypatch.setattr(synth_audio, "render", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         synthesize(root, utterances=60, seed=4, mean_duration_s=0.8)
     assert [p.name for p in tmp_path.iterdir()] == ["IEMOCAP_full_release"]  # temp folder removed
@@ -563,7 +563,7 @@ def test_null_labels_are_independent_of_the_latent_that_renders_the_audio():
     correlations = []
     for k in range(10):
         rng, label_rng = np.random.default_rng(k), np.random.default_rng(100 + k)
-        dialogs, _ = synth._plan(1500, rng, 2.5, 16000, label_rng=label_rng)
+        dialogs, _ = synth_plan.plan(1500, rng, 2.5, 16000, label_rng=label_rng)
         utts = [u for d in dialogs for u in d.utts]
         labels, audio = np.array([u.header_values() for u in utts]), np.array([u.audio_latent for u in utts])
         correlations.append([np.corrcoef(labels[:, dim], audio[:, dim])[0, 1] for dim in range(3)])
@@ -572,7 +572,7 @@ def test_null_labels_are_independent_of_the_latent_that_renders_the_audio():
         correlations
     )
     # Without null labels, the labels follow the rendered latent closely.
-    dialogs, _ = synth._plan(1500, np.random.default_rng(0), 2.5, 16000)
+    dialogs, _ = synth_plan.plan(1500, np.random.default_rng(0), 2.5, 16000)
     utts = [u for d in dialogs for u in d.utts]
     assert all(u.audio_latent is None for u in utts)
     labels, latent = np.array([u.header_values() for u in utts]), np.array([u.latent for u in utts])
@@ -585,7 +585,7 @@ def test_every_class_of_every_dimension_in_every_session_in_every_mode(sharing, 
     for utterances in (60, 137, 400):
         for seed in range(3):
             label_rng = np.random.default_rng(seed + 10) if null_labels else None
-            dialogs, _ = synth._plan(
+            dialogs, _ = synth_plan.plan(
                 utterances, np.random.default_rng(seed), 1.0, 16000, cue_sharing=sharing, label_rng=label_rng
             )
             for session in range(1, 6):
@@ -620,7 +620,7 @@ def test_cue_sharing_anchors_and_monotone_weights():
 
 
 def _label_correlations(sharing: float) -> np.ndarray:
-    dialogs, _ = synth._plan(4000, np.random.default_rng(0), 2.5, 16000, cue_sharing=sharing)
+    dialogs, _ = synth_plan.plan(4000, np.random.default_rng(0), 2.5, 16000, cue_sharing=sharing)
     labels = np.array([u.header_values() for d in dialogs for u in d.utts])
     corr = np.corrcoef(labels.T)
     return np.array([corr[0, 1], corr[0, 2], corr[1, 2]])  # V-A, V-D, A-D
@@ -634,7 +634,7 @@ def test_cue_sharing_moves_the_correlation_between_the_dimensions_labels():
     assert independent.mean() < default.mean() < shared.mean()
 
 
-SPEAKER = synth._Speaker(
+SPEAKER = synth_model.Speaker(
     session=1, letter="F", f0=200.0, formant_scale=1.15, gain_db=0.0, rate=4.2, tilt=0.0, breath=0.05,
     offset=(0.0, 0.0, 0.0),
 )  # fmt: skip
@@ -643,12 +643,12 @@ SPEAKER = synth._Speaker(
 def _dominance_level_db(seed: int, cue_span: float, cue_sharing: float) -> np.ndarray:
     """Per 20 ms frame, how much louder (dB) an utterance of high dominance is than the same utterance
     (same audio seed) at neutral latent, over the frames where the neutral one is louder than its median."""
-    cues = synth._cues(cue_span, cue_sharing)
+    cues = synth_model.make_cues(cue_span, cue_sharing)
     frames = []
     for latent in ((3.0, 3.0, 4.5), (3.0, 3.0, 3.0)):
-        utt = synth._Utt(utt_id="u", index=0, session=1, letter="F", start_ticks=0, n_samples=3 * 16000)
+        utt = synth_model.Utt(utt_id="u", index=0, session=1, letter="F", start_ticks=0, n_samples=3 * 16000)
         utt.latent = np.array(latent)
-        pcm = synth._render(utt, SPEAKER, 16000, np.random.default_rng(seed), cues).astype(np.float64)
+        pcm = synth_audio.render(utt, SPEAKER, 16000, np.random.default_rng(seed), cues).astype(np.float64)
         frames.append(10 * np.log10(np.mean(pcm.reshape(-1, 320) ** 2, axis=1) + 1e-9))
     high, neutral = frames
     return (high - neutral)[neutral >= np.median(neutral)]
@@ -658,12 +658,12 @@ def test_cue_span_one_spreads_the_cues_over_the_whole_utterance():
     tc = np.arange(1500) * 0.002  # 3 s on the 2 ms control grid
     for span, low, high in ((0.5, 0.3, 0.7), (0.2, 0.12, 0.28), (0.9, 0.86, 0.94)):
         rng = np.random.default_rng(0)
-        shares = [synth._cue_window(tc, 3.0, span, rng)[2] / 3.0 for _ in range(300)]
+        shares = [synth_audio.cue_window(tc, 3.0, span, rng)[2] / 3.0 for _ in range(300)]
         assert low <= min(shares) and max(shares) <= high and abs(np.mean(shares) - span) < 0.02
     rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
-    w, s0, length = synth._cue_window(tc, 3.0, 1.0, rng_a)
+    w, s0, length = synth_audio.cue_window(tc, 3.0, 1.0, rng_a)
     assert np.all(w == 1.0) and (s0, length) == (0.0, 3.0)
-    synth._cue_window(tc, 3.0, 0.5, rng_b)
+    synth_audio.cue_window(tc, 3.0, 0.5, rng_b)
     assert rng_a.random() == rng_b.random()  # the same draws whatever the span: the rest is unchanged
 
     # In the audio: with cue_span 0.5 part of the utterance stays near neutral loudness; with 1.0 the
