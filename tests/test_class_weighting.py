@@ -16,7 +16,7 @@ from sermtl.data.ingest import ingest
 from sermtl.data.synth import synthesize
 from sermtl.params import load_params, params_from_dict, params_from_yaml
 from sermtl.schema import MANIFEST_FILE
-from sermtl.train import training
+from sermtl.train import trainer, training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -48,7 +48,7 @@ def _first_step_class_weights(store: Path, out: Path, system: str, monkeypatch, 
         seen.append((list(tasks), class_weights))
         raise _FirstStep
 
-    monkeypatch.setattr(training, "multitask_loss", first_step)
+    monkeypatch.setattr(trainer, "multitask_loss", first_step)
     with pytest.raises(_FirstStep):
         training.train_fold(store, system, 0, out, params_from_dict(raw), progress=False)
     return seen

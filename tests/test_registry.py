@@ -163,7 +163,8 @@ def _tiny_networks(train_dir: Path) -> None:
     import torch
 
     from sermtl.model.network import ModelConfig, build_model
-    from sermtl.train.training import MTL_NETWORK, _write_model_dir
+    from sermtl.train.run_files import write_model_dir as _write_model_dir
+    from sermtl.train.trainer import MTL_NETWORK
 
     config = ModelConfig(
         tasks=list(PARAMS.eval.dimensions),

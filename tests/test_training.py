@@ -276,13 +276,14 @@ def test_kill_and_resume_gives_identical_predictions(store, mtl_run, tmp_path):
     script = textwrap.dedent(
         f"""
         import time
+        import sermtl.train.seed_run as seed_run
         import sermtl.train.training as training
         from sermtl.params import load_params
-        save = training._atomic_torch_save
+        save = seed_run._atomic_torch_save
         def slow_save(payload, path):
             save(payload, path)
             time.sleep(30)
-        training._atomic_torch_save = slow_save
+        seed_run._atomic_torch_save = slow_save
         training.train_fold({str(store)!r}, "mtl_attention", 1, {str(out)!r},
                             load_params({str(params_file)!r}), progress=False)
         """
@@ -517,28 +518,29 @@ class _Killed(BaseException):
 
 
 def test_a_killed_seed_resumes_and_the_finished_seed_is_kept(store, seeded_study, monkeypatch, tmp_path):
-    import sermtl.train.training as training
+    import sermtl.train.seed_run as seed_run
+    import sermtl.train.trainer as trainer
 
     out = tmp_path / "fold0"
-    save = training._atomic_torch_save
+    save = seed_run._atomic_torch_save
 
     def dies_in_seed1(payload, path):
         save(payload, path)
         if path.parent.name == "seed1" and payload.get("epoch", 0) >= 1:
             raise _Killed
 
-    monkeypatch.setattr(training, "_atomic_torch_save", dies_in_seed1)
+    monkeypatch.setattr(seed_run, "_atomic_torch_save", dies_in_seed1)
     with pytest.raises(_Killed):
         train_fold(store, "mtl_attention", 0, out, seeded_params(), progress=False)
     assert (out / "seed0" / RUN_METRICS_FILE).is_file() and (out / "seed1" / CHECKPOINT_FILE).is_file()
     assert not (out / "seed1" / RUN_METRICS_FILE).exists() and not (out / RUN_METRICS_FILE).exists()
     finished = (out / "seed0" / PREDICTIONS_FILE).stat().st_mtime_ns
 
-    monkeypatch.setattr(training, "_atomic_torch_save", save)
+    monkeypatch.setattr(seed_run, "_atomic_torch_save", save)
     epochs = []
-    train_epoch = training._NetworkTrainer._train_epoch
+    train_epoch = trainer.NetworkTrainer._train_epoch
     monkeypatch.setattr(
-        training._NetworkTrainer,
+        trainer.NetworkTrainer,
         "_train_epoch",
         lambda self, bar: epochs.append(self.seed) or train_epoch(self, bar),
     )
@@ -579,7 +581,7 @@ def test_a_fold_restored_without_markers_is_rebuilt_from_its_seed_runs(
     recognised as train's, reused, and the fold's outputs rebuilt from their files, identical."""
     import shutil
 
-    import sermtl.train.training as training
+    import sermtl.train.trainer as trainer
     from sermtl.fsutil import OUTPUT_MARKER
 
     reference = seeded_study / "mtl_attention" / "fold0"
@@ -597,7 +599,7 @@ def test_a_fold_restored_without_markers_is_rebuilt_from_its_seed_runs(
     def no_training(self, save):
         raise AssertionError("a finished seed was retrained")
 
-    monkeypatch.setattr(training._NetworkTrainer, "run", no_training)
+    monkeypatch.setattr(trainer.NetworkTrainer, "run", no_training)
     metrics = train_fold(store, "mtl_attention", 0, out, seeded_params(), progress=False)
     assert metrics == json.loads((reference / RUN_METRICS_FILE).read_text())
     pd.testing.assert_frame_equal(
