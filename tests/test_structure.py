@@ -124,3 +124,46 @@ def test_the_checks_see_lazy_cycles_and_private_uses():
     graph, private = dependencies(sources)
     assert cycles(graph) == [["sermtl.a", "sermtl.b", "sermtl.c"]]
     assert private == ["sermtl.b:3 uses sermtl.c._hidden", "sermtl.d:1 imports sermtl.c._hidden"]
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+MAX_DOCSTRING_LINES = 8
+LONG = "# long:"  # the reason written beside a module or function that is longer
+
+
+def oversized(name: str, source: str) -> list[str]:
+    """What breaks the size rules in one module: over MAX_MODULE_LINES without `# long: <reason>` in its first
+    lines, a function over MAX_FUNCTION_LINES without it on the line above the `def` (or its decorators), a
+    module docstring over MAX_DOCSTRING_LINES (design notes belong in docs/)."""
+    lines = source.splitlines()
+    found = []
+    if len(lines) > MAX_MODULE_LINES and not any(line.startswith(LONG) for line in lines[:15]):
+        found.append(f"{name}: {len(lines)} lines")
+    tree = ast.parse(source)
+    docstring = ast.get_docstring(tree, clean=False) or ""
+    if len(docstring.splitlines()) > MAX_DOCSTRING_LINES:
+        found.append(f"{name}: module docstring of {len(docstring.splitlines())} lines")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            length = node.end_lineno - node.lineno + 1
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            above = lines[first - 2].strip() if first >= 2 else ""
+            if length > MAX_FUNCTION_LINES and not above.startswith(LONG):
+                found.append(f"{name}:{node.lineno} {node.name}() of {length} lines")
+    return found
+
+
+def test_modules_and_functions_stay_short_or_say_why():
+    found = [problem for name, source in project_sources().items() for problem in oversized(name, source)]
+    assert not found, "too long without a `# long: <reason>` beside it: " + "; ".join(found)
+
+
+def test_the_size_check_sees_long_modules_functions_and_docstrings():
+    body = "\n".join(f"    x = {i}" for i in range(MAX_FUNCTION_LINES))
+    long_function = f"def f():\n{body}\n"
+    assert oversized("m", long_function) == ["m:1 f() of 81 lines"]
+    assert oversized("m", f"{LONG} a table of cases\n{long_function}") == []
+    assert oversized("m", "x = 1\n" * (MAX_MODULE_LINES + 1)) == [f"m: {MAX_MODULE_LINES + 1} lines"]
+    docstring = '"""' + "\n" * MAX_DOCSTRING_LINES + 'end"""\n'
+    assert oversized("m", docstring) == [f"m: module docstring of {MAX_DOCSTRING_LINES + 1} lines"]

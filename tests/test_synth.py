@@ -716,3 +716,22 @@ def test_cli_passes_the_effect_settings_through(tmp_path):
     assert corpus_digest(by_cli) == corpus_digest(direct)
     result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "bad"), "--cue-span", "2"])
     assert result.exit_code == 2 and "cue_span must be a number in (0, 1]" in result.output
+
+
+def test_the_generators_defaults_are_the_params_sections():
+    """One source of defaults: synthesize(), `sermtl synth` without a params file and data.synth agree, and
+    the effect settings default to the generator's anchors."""
+    import inspect
+
+    from sermtl.data import synth_model
+    from sermtl.params import DataParams, SynthParams
+
+    section, signature = SynthParams(), inspect.signature(synthesize).parameters
+    for name in ("utterances", "seed", "mean_duration_s", "cue_span", "cue_sharing", "null_labels"):
+        assert signature[name].default == getattr(section, name), name
+    assert signature["sample_rate"].default == DataParams().sample_rate
+    assert (section.cue_span, section.cue_sharing) == (
+        synth_model.DEFAULT_CUE_SPAN,
+        synth_model.DEFAULT_CUE_SHARING,
+    )
+    assert section.mean_duration_s == 4.45  # IEMOCAP's mean utterance duration

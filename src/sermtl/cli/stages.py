@@ -56,8 +56,8 @@ def synth(
     from sermtl.data.synth import synthesize
     from sermtl.params import SynthParams
 
-    # Without a params file: synthesize's own defaults (IEMOCAP's mean duration).
-    settings = load(params_path).data.synth if params_path.is_file() else SynthParams(mean_duration_s=4.45)
+    # Without a params file: the section's defaults (IEMOCAP's mean duration), synthesize's too.
+    settings = load(params_path).data.synth if params_path.is_file() else SynthParams()
     given = {
         "utterances": utterances,
         "seed": seed,
@@ -66,9 +66,10 @@ def synth(
         "cue_sharing": cue_sharing,
         "null_labels": null_labels,
     }
-    settings = dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
+    # synthesize checks the options given (its message names the option, not a params.yaml key).
+    chosen = dataclasses.asdict(settings) | {k: v for k, v in given.items() if v is not None}
     try:
-        summary = synthesize(out, **dataclasses.asdict(settings), progress=sys.stderr.isatty())
+        summary = synthesize(out, **chosen, progress=sys.stderr.isatty())
     except (OutputFolderError, ValueError) as exc:
         fail(str(exc))
     typer.echo(

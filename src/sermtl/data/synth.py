@@ -38,6 +38,9 @@ from sermtl.data.synth_model import (
 from sermtl.data.synth_plan import plan
 from sermtl.fsutil import OutputKind, atomic_directory, check_output_dir
 from sermtl.parallel import worker_count
+from sermtl.params import DataParams, SynthParams
+
+DEFAULTS = SynthParams()  # the one place of the generator's defaults: params' data.synth section
 
 __all__ = [  # the generator's public names, wherever they live
     "CATEGORY_NAMES",
@@ -81,14 +84,14 @@ class SynthSummary:
 
 def synthesize(
     out_dir: Path,
-    utterances: int = 400,
-    seed: int = 0,
-    mean_duration_s: float = 4.45,
-    sample_rate: int = 16000,
+    utterances: int = DEFAULTS.utterances,
+    seed: int = DEFAULTS.seed,
+    mean_duration_s: float = DEFAULTS.mean_duration_s,
+    sample_rate: int = DataParams().sample_rate,
     progress: bool = False,
-    cue_span: float = DEFAULT_CUE_SPAN,
-    cue_sharing: float = DEFAULT_CUE_SHARING,
-    null_labels: bool = False,
+    cue_span: float = DEFAULTS.cue_span,
+    cue_sharing: float = DEFAULTS.cue_sharing,
+    null_labels: bool = DEFAULTS.null_labels,
 ) -> SynthSummary:
     """Write a synthetic IEMOCAP_full_release folder at `out_dir` (which holds Session1..Session5).
 

@@ -40,8 +40,8 @@ class SynthParams:
     # The bounds are sermtl.data.synth's MIN/MAX_UTTERANCES and duration limits.
     utterances: Annotated[Int, Rule(at_least=60, at_most=200_000)] = 400
     seed: Annotated[Int, AT_LEAST_0] = 0
-    mean_duration_s: Annotated[Float, Rule(at_least=0.8, at_most=12.0)] = 2.5
-    # Effect settings (docs/design/synth.md); the defaults give the generator's corpus before them.
+    mean_duration_s: Annotated[Float, Rule(at_least=0.8, at_most=12.0)] = 4.45  # IEMOCAP's mean
+    # Effect settings (docs/design/synth.md); the defaults are the generator's anchors (synth_model).
     cue_span: Annotated[Float, Rule(above=0.0, at_most=1.0)] = 0.5  # mean share of an utterance with cues
     cue_sharing: Annotated[Float, FRACTION] = 0.5  # 0 independent dimensions .. 1 strongly shared
     null_labels: Bool = False  # true: labels drawn independently of the audio (chance by construction)
