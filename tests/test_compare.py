@@ -30,7 +30,7 @@ from sermtl.evaluate.compare import (
 from sermtl.evaluate.metrics import uar
 from sermtl.evaluate.results import collect_results
 from sermtl.evaluate.significance import decisive, significance_tests, write_report
-from sermtl.mlops import tracking
+from sermtl.mlops import fold_run, tracking
 from sermtl.params import Params
 from sermtl.schema import PREDICTIONS_FILE
 
@@ -79,7 +79,7 @@ def _log_study(
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(tracking.EXPERIMENT_ENV, experiment)
         # The children's plots are most of the logging time and nothing here reads them.
-        patch.setattr(tracking, "_write_plots", lambda *args, **kwargs: None, raising=False)
+        patch.setattr(fold_run, "_write_plots", lambda *args, **kwargs: None, raising=False)
         return tracking.track_study(
             train_dir, None, results_dir, table, params, "md5-test", "kfp-1", name=name, tracking_uri=uri
         )

@@ -35,7 +35,7 @@ from sermtl.errors import ServiceUnreachable
 from sermtl.evaluate.compare import log_significance
 from sermtl.evaluate.results import load_runs
 from sermtl.evaluate.significance import significance_tests
-from sermtl.mlops import procinfo, registry, tracking
+from sermtl.mlops import fold_run, procinfo, registry, tracking, tracking_server
 from sermtl.params import Params
 from tests.study_builder import write_study
 
@@ -75,7 +75,7 @@ def credentials_env(monkeypatch, uri: str, experiment: str) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
     monkeypatch.setenv(tracking.EXPERIMENT_ENV, experiment)
     # the children's plots are most of the logging time and nothing here reads them
-    monkeypatch.setattr(tracking, "_write_plots", lambda *args, **kwargs: None)
+    monkeypatch.setattr(fold_run, "_write_plots", lambda *args, **kwargs: None)
 
 
 def error_lines(output: str) -> list[str]:
@@ -200,7 +200,7 @@ def test_orphaned_runs_are_only_those_nobody_will_end(monkeypatch):
         _run("kfp-retry", "study-kfp-1", **{tracking.TAG_PIPELINE_RUN: "kfp-1"}),
         _run("kfp-other-step", "registration", **{tracking.TAG_PIPELINE_RUN: "kfp-1"}),
     ]
-    monkeypatch.setattr(tracking, "_ABANDONED", {"abandoned"})
+    monkeypatch.setattr(tracking_server, "_ABANDONED", {"abandoned"})
     client = _FakeClient(runs)
     marked = tracking.fail_orphaned_runs(client, "1", run_name="study-kfp-1", pipeline_run_id="kfp-1")
     assert set(marked) == {"dead", "child-of-dead", "abandoned", "kfp-retry"}
@@ -208,18 +208,18 @@ def test_orphaned_runs_are_only_those_nobody_will_end(monkeypatch):
     why = {run_id: value for (run_id, _), value in client.tagged.items()}
     assert f"(pid {dead.pid} on {me.host}) is gone" in why["dead"]
     assert "parent run dead" in why["child-of-dead"] and "pipeline run kfp-1" in why["kfp-retry"]
-    assert not tracking._ABANDONED
+    assert not tracking_server._ABANDONED
 
 
 RESULTS_HOOKED = r"""
 import sys, time
 from pathlib import Path
 from sermtl import cli
-from sermtl.mlops import tracking
+from sermtl.mlops import fold_run
 
 flag, go_on = Path(sys.argv[1]), Path(sys.argv[2])
-log_metrics = tracking._log_metrics
-tracking._write_plots = lambda *args, **kwargs: None
+log_metrics = fold_run.log_metrics
+fold_run._write_plots = lambda *args, **kwargs: None
 
 
 def after_the_first_child_exists(*args, **kwargs):
@@ -231,7 +231,7 @@ def after_the_first_child_exists(*args, **kwargs):
     return log_metrics(*args, **kwargs)
 
 
-tracking._log_metrics = after_the_first_child_exists
+fold_run.log_metrics = after_the_first_child_exists
 sys.argv = ["sermtl", *sys.argv[3:]]
 cli.main()
 """

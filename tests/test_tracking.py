@@ -26,7 +26,7 @@ from sermtl.data.ingest import ingest
 from sermtl.data.synth import synthesize
 from sermtl.evaluate.metrics import PREDICTION_COLUMNS, evaluate_predictions, flat_metrics
 from sermtl.evaluate.results import results_table, to_html, to_markdown
-from sermtl.mlops import tracking
+from sermtl.mlops import fold_run, tracking
 from sermtl.params import Params
 from sermtl.schema import DIMENSIONS
 
@@ -251,7 +251,7 @@ def test_history_metrics_flat_or_nested_per_task():
         {"epoch": 1, "arousal": {"train_loss": 0.9, "val_uar": 0.4}, "val_uar_mean": 0.4, "note": "warmup"},
         {"epoch": 2, "arousal": {"train_loss": 0.8, "val_uar": 0.5}, "val_uar_mean": 0.5, "improved": True},
     ]
-    metrics = tracking._history_metrics(history)
+    metrics = fold_run._history_metrics(history)
     assert {(m.key, m.step) for m in metrics} == {
         (key, step) for key in ("arousal_train_loss", "arousal_val_uar", "val_uar_mean") for step in (1, 2)
     }
@@ -410,7 +410,7 @@ def test_artifacts_on_seaweedfs_s3(servers, monkeypatch, train_dir, store_dir, f
 
 
 def test_single_task_scalars_per_network_become_one_metric_each():
-    from sermtl.mlops.tracking import _final_metrics
+    from sermtl.mlops.fold_run import _final_metrics
 
     frame = pd.DataFrame(
         {
