@@ -89,3 +89,12 @@ def test_choices_come_from_the_parameter_types_and_bad_ones_stop_before_any_work
     assert bad.exit_code == 2 and "'gpu' is not one of 'auto', 'cpu', 'cuda'" in bad.output
     bad = runner.invoke(app, ["compare", "--subset", "scripted", "--params", missing], env=wide)
     assert bad.exit_code == 2 and "'scripted' is not one of 'all', 'improvised'" in bad.output
+
+
+def test_a_bad_endpoint_option_is_exit_2_naming_it_and_nothing_is_written(tmp_path):
+    out = tmp_path / "o"
+    args = ["ingest", "--out", str(out), "--source", str(tmp_path), "--endpoint-url", "localhost:8333"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "--endpoint-url: must be an http(s):// URL (got 'localhost:8333')" in result.output
+    assert not out.exists()

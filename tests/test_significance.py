@@ -62,6 +62,21 @@ def make_params(**significance) -> Params:
     return dataclasses.replace(base, significance=dataclasses.replace(base.significance, **settings))
 
 
+def unchecked_params(**significance) -> Params:
+    """make_params without pydantic's checks: what a caller bypassing validation could pass."""
+    params = make_params()
+    section = object.__new__(type(params.significance))
+    for field in dataclasses.fields(section):
+        object.__setattr__(
+            section, field.name, significance.get(field.name, getattr(params.significance, field.name))
+        )
+    unchecked = object.__new__(Params)
+    for field in dataclasses.fields(Params):
+        object.__setattr__(unchecked, field.name, getattr(params, field.name))
+    object.__setattr__(unchecked, "significance", section)
+    return unchecked
+
+
 def frame(labels: np.ndarray, systems: dict[str, np.ndarray], dimensions=DIMENSIONS) -> pd.DataFrame:
     """Prediction table: the same labels and per-system predictions on every dimension."""
     n = len(labels)
@@ -397,8 +412,12 @@ def test_duplicates_missing_dimension_and_bad_settings_are_errors(small):
     assert "Ses01F_impro01_F00000" in message
     message = error_of(small[small.dimension != "dominance"], make_params())
     assert "no all predictions of 'mtl_attention' for dimension 'dominance'" in message
-    assert "significance.resamples" in error_of(small, make_params(resamples=0))
-    assert "significance.confidence" in error_of(small, make_params(confidence=1.5))
+    # Params refuses these when built (pydantic); significance_tests checks them again for settings that
+    # reach it some other way (an object built without validation).
+    with pytest.raises(ValueError, match="must be an integer >= 1"):
+        make_params(resamples=0)
+    assert "significance.resamples" in error_of(small, unchecked_params(resamples=0))
+    assert "significance.confidence" in error_of(small, unchecked_params(confidence=1.5))
 
 
 def test_empty_baselines_mean_every_other_system_and_subset_filters(small):

@@ -102,9 +102,11 @@ def ingest(
 
     params = load(params_path)
     if endpoint_url is not None:
-        params = dataclasses.replace(
-            params, data=dataclasses.replace(params.data, s3_endpoint_url=endpoint_url)
-        )
+        try:
+            data = dataclasses.replace(params.data, s3_endpoint_url=endpoint_url)
+        except ValueError:  # pydantic's check of data.s3_endpoint_url
+            fail(f"--endpoint-url: must be an http(s):// URL (got {endpoint_url!r})")
+        params = dataclasses.replace(params, data=data)
     try:
         report = run_ingest(
             source or params.data.corpus, out, params, force=force, progress=sys.stderr.isatty()
