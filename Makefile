@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 
-.PHONY: setup run test lint data repro bench-ingest
+.PHONY: setup run test lint data repro bench-ingest podman images
 
 # No --compile-bytecode: compiling all 18k files of the environment costs ~1 min on 2 cores; an import
 # compiles what it uses.
@@ -36,3 +36,12 @@ repro: data
 
 bench-ingest: setup
 	$(UV) run python bench/ingest/run.py
+
+# Containers: podman from Debian's archive with the project's containers.conf, then the three images
+# (infra/containers/build-images.sh: BASE=auto|official|debian, IMAGES=...). `setup` fills uv's cache, which
+# a build without registry access installs from.
+podman:
+	infra/containers/setup.sh
+
+images: setup podman
+	infra/containers/build-images.sh
