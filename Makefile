@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 
-.PHONY: setup run test lint data repro bench-ingest podman images
+.PHONY: setup run test lint data repro bench-ingest podman images test-containers
 
 # No --compile-bytecode: compiling all 18k files of the environment costs ~1 min on 2 cores; an import
 # compiles what it uses.
@@ -45,3 +45,7 @@ podman:
 
 images: setup podman
 	infra/containers/build-images.sh
+
+# The CPU image runs ingest, validate and a training run with the host's results (tests/test_containers.py).
+test-containers: images
+	SERMTL_TEST_CONTAINERS=1 $(UV) run pytest -q tests/test_containers.py

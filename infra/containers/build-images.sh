@@ -45,8 +45,11 @@ for image in $images; do
         # No network where uv installs from the host's cache; the CUDA image's apt-get (gcc for triton) and
         # the MLflow server's own lock need the package archives.
         sermtl) file=infra/docker/Dockerfile; name="$repo/sermtl:$tag"; net=(--network none) ;;
-        sermtl-cuda) file=infra/docker/Dockerfile.cuda; name="$repo/sermtl:$tag-cuda"; net=() ;;
-        sermtl-mlflow) file=infra/docker/Dockerfile.mlflow; name="$repo/sermtl-mlflow:$tag"; net=() ;;
+        sermtl-cuda) file=infra/docker/Dockerfile.cuda; name="$repo/sermtl:$tag-cuda"; net=(--network host) ;;
+        # The MLflow server's own lock is not in the host's cache: uv downloads it, through the machine's CA.
+        sermtl-mlflow) file=infra/docker/Dockerfile.mlflow; name="$repo/sermtl-mlflow:$tag"
+            net=(--network host --build-arg UV_OFFLINE=false
+                 --secret "id=ca_bundle,src=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}") ;;
         *) echo "build-images: unknown image $image" >&2; exit 2 ;;
     esac
     started=$(date +%s)
