@@ -46,6 +46,7 @@ podman:
 images: setup podman
 	infra/containers/build-images.sh
 
-# The CPU image runs ingest, validate and a training run with the host's results (tests/test_containers.py).
+# The CPU image runs ingest, validate and a training run with the host's results, and the MLflow image serves
+# on the local stack with basic auth (tests/test_containers.py).
 test-containers: images
 	SERMTL_TEST_CONTAINERS=1 $(UV) run pytest -q tests/test_containers.py

@@ -1,6 +1,6 @@
-"""The CPU image runs the pipeline's steps: ingest, validate and one training run inside podman give the same
-manifest and the same predictions as the same commands on the host. Opt-in (`make test-containers`, which
-builds the image first): SERMTL_TEST_CONTAINERS=1 and the image of this checkout's tag present."""
+"""The images at work: ingest, validate and one training run inside the CPU image give the host's manifest and
+predictions, and the MLflow image serves with PostgreSQL, S3 and basic auth. Opt-in (`make test-containers`,
+which builds the images first): SERMTL_TEST_CONTAINERS=1 and the images of this checkout's tag present."""
 
 from __future__ import annotations
 
@@ -93,3 +93,103 @@ def test_ingest_validate_and_training_in_the_cpu_image_match_the_host(tmp_path):
     assert (box / "ingest" / AUDIO_FILE).read_bytes() == (host / "ingest" / AUDIO_FILE).read_bytes()
     predictions = [pd.read_parquet(w / "train/mtl_attention/fold0" / PREDICTIONS_FILE) for w in (box, host)]
     pd.testing.assert_frame_equal(*predictions)
+
+
+def test_the_mlflow_image_serves_with_postgres_s3_and_basic_auth(tmp_path, postgres_server, s3_server):
+    """The tracking-server image on the local stack's PostgreSQL and S3, basic auth on: a client without
+    credentials gets 401; with them it logs a run and an artifact and reads both back; the file is in S3."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    import boto3
+    import mlflow
+    from sermtl_localstack.ports import free_port
+
+    tag = subprocess.run([ROOT / "infra/docker/image-tag.sh"], capture_output=True, text=True, check=True)
+    name = os.environ.get("SERMTL_TEST_MLFLOW_IMAGE") or f"localhost/sermtl-mlflow:{tag.stdout.strip()}"
+    env = {**os.environ, "CONTAINERS_CONF": str(CONF)}
+    if subprocess.run(["podman", "image", "exists", name], env=env).returncode:
+        pytest.skip(f"{name} is not built (make images)")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+    )
+    s3.create_bucket(Bucket="mlflow-image")
+    auth = tmp_path / "auth"
+    auth.mkdir()
+    password = "sermtl-admin-Passw0rd"
+    (auth / "basic_auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:////auth/basic_auth.db\n"
+        f"admin_username = admin\nadmin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    port, container = free_port(), f"sermtl-mlflow-test-{os.getpid()}"
+    server_env = {
+        **s3_server.client_env(),
+        "MLFLOW_AUTH_CONFIG_PATH": "/auth/basic_auth.ini",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret",
+    }
+    command = [
+        "podman",
+        "run",
+        "-d",
+        "--rm",
+        "--name",
+        container,
+        "--network",
+        "host",
+        "-v",
+        f"{auth}:/auth:U",
+    ]
+    command += [arg for key, value in server_env.items() for arg in ("-e", f"{key}={value}")]
+    command += [
+        name,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--app-name",
+        "basic-auth",
+        "--backend-store-uri",
+        postgres_server.create_database("mlflow_image"),
+        "--artifacts-destination",
+        "s3://mlflow-image/artifacts",
+    ]
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, subprocess.run(
+                    ["podman", "logs", container], env=env, capture_output=True, text=True
+                ).stderr
+                time.sleep(1)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5)
+        assert refused.value.code == 401
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
+        client = mlflow.MlflowClient(tracking_uri=url)
+        run = client.create_run(client.create_experiment("image-check"))
+        client.log_metric(run.info.run_id, "uar", 0.651)
+        (tmp_path / "note.txt").write_text("from a client")
+        client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+        assert client.get_run(run.info.run_id).data.metrics == {"uar": 0.651}
+        assert (
+            Path(client.download_artifacts(run.info.run_id, "note.txt", str(tmp_path))).read_text()
+            == "from a client"
+        )
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow-image").get("Contents", [])]
+        assert any(key.endswith(f"{run.info.run_id}/artifacts/note.txt") for key in keys), keys
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+        os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+        subprocess.run(["podman", "rm", "-f", container], env=env, capture_output=True)

@@ -34,7 +34,7 @@ if [ "$base" = debian ]; then
         tar -C "$work" -c uv | podman import - "$uv_image" >/dev/null
         rm -rf "$work"
     fi
-    cache=$(uv cache dir)
+    cache=$( (command -v uv >/dev/null && uv cache dir) || python3 -m uv cache dir)
     args+=(--build-arg PYTHON_IMAGE="$python_image" --build-arg UV_IMAGE="$uv_image"
            --build-arg UV_CACHE_DIR=/uv-cache --build-arg UV_OFFLINE=true
            --volume "$cache:/uv-cache")
