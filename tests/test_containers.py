@@ -29,9 +29,10 @@ pytestmark = [
 ]
 
 
-def image() -> str:
+def built(image: str, override: str) -> str:
+    """`localhost/<image>:<this checkout's tag>` (or $<override>), skipping the test when it is not built."""
     tag = subprocess.run([ROOT / "infra/docker/image-tag.sh"], capture_output=True, text=True, check=True)
-    name = os.environ.get("SERMTL_TEST_IMAGE") or f"localhost/sermtl:{tag.stdout.strip()}"
+    name = os.environ.get(override) or f"localhost/{image}:{tag.stdout.strip()}"
     env = {**os.environ, "CONTAINERS_CONF": str(CONF)}
     if (
         shutil.which("podman") is None
@@ -55,7 +56,7 @@ def on_host(*args: str) -> None:
 
 
 def test_ingest_validate_and_training_in_the_cpu_image_match_the_host(tmp_path):
-    name = image()
+    name = built("sermtl", "SERMTL_TEST_IMAGE")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["train"]["max_epochs"] = 2
     raw.setdefault("profiles", {}).setdefault("demo", {}).setdefault("train", {})["max_epochs"] = 2
@@ -106,11 +107,8 @@ def test_the_mlflow_image_serves_with_postgres_s3_and_basic_auth(tmp_path, postg
     import mlflow
     from sermtl_localstack.ports import free_port
 
-    tag = subprocess.run([ROOT / "infra/docker/image-tag.sh"], capture_output=True, text=True, check=True)
-    name = os.environ.get("SERMTL_TEST_MLFLOW_IMAGE") or f"localhost/sermtl-mlflow:{tag.stdout.strip()}"
+    name = built("sermtl-mlflow", "SERMTL_TEST_MLFLOW_IMAGE")
     env = {**os.environ, "CONTAINERS_CONF": str(CONF)}
-    if subprocess.run(["podman", "image", "exists", name], env=env).returncode:
-        pytest.skip(f"{name} is not built (make images)")
     s3 = boto3.client(
         "s3",
         endpoint_url=s3_server.endpoint_url,
